@@ -1,0 +1,327 @@
+"""Typed configuration: dataclasses with defaults, YAML loading, `--set` overrides, one validator.
+
+Precedence: dataclass defaults < config file < `--set section.key=value` on the command line.
+
+YAML is read with `yaml.safe_load` and then every value is coerced to its field's type, because
+PyYAML follows YAML 1.1: `lr: 1e-3` arrives as the *string* "1e-3", `on` as True, `010` as 8.
+Each field carries its own limits in `metadata` (`ge`, `gt`, `le`, `lt`, `choices`), so that
+`validate` is the one place that checks values and every message has the same shape:
+
+    config error (configs/x.yaml): train.lr = -1: must be > 0
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from charrnn.errors import ConfigError
+
+
+def _f(default, why: str, **limits) -> Any:
+    """A dataclass field with a default, a one-line reason and its allowed values."""
+    return field(default=default, metadata={"why": why, **limits})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = _f("builtin:python-docs", "a text file, builtin:python-docs (offline) or a catalog name such as tinyshakespeare")
+    val_path: Union[str, None] = _f(None, "a separate validation file; if unset the tail of the corpus is used")
+    val_fraction: float = _f(0.1, "share of the corpus (its end) held out for validation when val_path is unset", ge=0.0, lt=1.0)
+    encoding: str = _f("utf-8", "text encoding of the corpus files (e.g. latin-1, utf-16)")
+    min_count: int = _f(1, "characters seen fewer times in the training text map to one unknown symbol", ge=1)
+    cache_dir: Union[str, None] = _f(None, "where encoded corpora are cached; default: the user cache dir")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_size: int = _f(256, "H: width of each recurrent layer (per direction)", ge=1, le=16384)
+    num_layers: int = _f(1, "L: stacked layers; layer l reads layer l-1's h_t", ge=1, le=64)
+    bidirectional: bool = _f(False, "two towers, one per direction: a gap-filling (cloze) model, not a next-char one")
+    dropout: float = _f(0.0, "inverted dropout between layers and before the output; off at evaluation", ge=0.0, lt=1.0)
+    init_scale: float = _f(1.0, "multiplies the 1/sqrt(fan_in) init; W_hh starts as a scaled orthogonal matrix", gt=0.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = _f(32, "N: parallel streams (left-to-right) or random windows (cloze) per step", ge=1)
+    seq_len: int = _f(64, "T: characters per step, the truncated-BPTT horizon", ge=1)
+    max_steps: int = _f(2000, "optimizer steps; 0 writes the initialized model and stops", ge=0)
+    optimizer: str = _f("adam", "update rule", choices=("sgd", "adagrad", "rmsprop", "adam"))
+    lr: float = _f(2e-3, "peak learning rate", gt=0.0)
+    momentum: float = _f(0.0, "sgd momentum (0 = plain sgd)", ge=0.0, lt=1.0)
+    beta1: float = _f(0.9, "adam first-moment decay", ge=0.0, lt=1.0)
+    beta2: float = _f(0.999, "adam second-moment decay", ge=0.0, lt=1.0)
+    rmsprop_decay: float = _f(0.95, "rmsprop: decay of the running mean of squared gradients (char-rnn uses 0.95)", ge=0.0, lt=1.0)
+    eps: float = _f(1e-8, "added to denominators of adagrad, rmsprop and adam", gt=0.0)
+    weight_decay: float = _f(0.0, "decoupled (AdamW-style) decay of weight matrices, not biases", ge=0.0)
+    lr_schedule: str = _f("constant", "learning-rate decay after warm-up", choices=("constant", "cosine", "step"))
+    lr_min_ratio: float = _f(0.1, "cosine: final lr as a fraction of lr", ge=0.0, le=1.0)
+    decay_every: int = _f(1000, "step schedule: steps between decays", ge=1)
+    decay_rate: float = _f(0.5, "step schedule: lr multiplier at each decay", gt=0.0, le=1.0)
+    warmup_steps: int = _f(0, "linear warm-up from 0 to lr over this many steps", ge=0)
+    clip_norm: float = _f(5.0, "rescale all gradients so their global L2 norm is at most this; 0 or null: off", ge=0.0, null=0.0)
+    clip_value: float = _f(0.0, "clamp each gradient element to [-v, v] (min-char-rnn style); 0 or null: off", ge=0.0, null=0.0)
+    dtype: str = _f("float32", "parameter and activation precision", choices=("float32", "float64"))
+    eval_every: int = _f(500, "steps between validation evaluations (0: only at the end)", ge=0)
+    eval_chars: int = _f(0, "validation characters scored per evaluation (0: all of them)", ge=0)
+    log_every: int = _f(50, "steps between metrics.jsonl lines and plain log lines", ge=1)
+    checkpoint_every: int = _f(1000, "steps between periodic checkpoints (0: only last and best)", ge=0)
+    keep_last: int = _f(3, "periodic checkpoints kept, newest first", ge=0)
+    sample_chars: int = _f(200, "characters sampled at each evaluation (left-to-right models)", ge=0)
+    on_nonfinite: str = _f("stop", "a NaN/Inf loss or gradient: stop with an error, or skip the batch", choices=("stop", "skip"))
+    max_skips: int = _f(10, "with on_nonfinite=skip: stop after this many skipped batches", ge=0)
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = _f(1337, "one seed for init, dropout, window order and evaluation samples", ge=0)
+    name: str = _f("run", "run-directory prefix: runs/<name>-<timestamp>/")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. ['seed', 'name', 'data.path', ...]."""
+    keys = [f.name for f in dataclasses.fields(Config) if f.name not in SECTIONS]
+    for section, cls in SECTIONS.items():
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def _field(key: str) -> dataclasses.Field:
+    section, _, name = key.rpartition(".")
+    cls = SECTIONS[section] if section else Config
+    return {f.name: f for f in dataclasses.fields(cls)}[name]
+
+
+def _unknown(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]}?)" if close else f"; valid keys: {', '.join(all_keys())}"
+    return ConfigError(f"config error ({source}): unknown key {key}{hint}")
+
+
+# ---- coercion -------------------------------------------------------------------------------
+
+def _base_type(key: str) -> tuple[type, bool]:
+    """(scalar type, whether None is allowed) for a field, from its annotation."""
+    hint = typing.get_type_hints(SECTIONS.get(key.rpartition(".")[0], Config))[key.rpartition(".")[2]]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def coerce(key: str, value: Any, source: str) -> Any:
+    """Convert a YAML scalar to the type of field `key`, or raise a one-line ConfigError."""
+    typ, nullable = _base_type(key)
+    meta = _field(key).metadata
+    bad = lambda what: ConfigError(f"config error ({source}): {key} = {_describe(value)}: {what}")  # noqa: E731
+    if value is None:
+        if nullable:
+            return None
+        if "null" in meta:
+            return meta["null"]
+        raise bad(f"expected {typ.__name__}, got null")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+        raise bad("expected true or false")
+    if typ is int:
+        if isinstance(value, bool):
+            raise bad("expected an integer, got a boolean")
+        try:  # "1e4" (a string to PyYAML) and 1e4 are fine, 2.5 is not
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, float):
+                if not number.is_integer():
+                    raise ValueError
+                number = int(number)
+            if not isinstance(number, int):
+                raise ValueError
+            return number
+        except (ValueError, OverflowError):
+            raise bad("expected an integer") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise bad("expected a number, got a boolean")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise bad("expected a number") from None
+        if not math.isfinite(number):
+            raise bad("expected a finite number")
+        return number
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad("expected text (quote it in YAML)")
+    raise AssertionError(f"unsupported field type {typ} for {key}")
+
+
+# ---- loading and merging --------------------------------------------------------------------
+
+def _flatten(doc: Any, source: str) -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}, rejecting anything that is not this shape."""
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config error ({source}): expected a mapping of sections and keys, got {type(doc).__name__}")
+    flat = {}
+    for key, value in doc.items():
+        key = str(key)
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"config error ({source}): section {key} must be a mapping of keys, got {_describe(value)}")
+            for sub, sub_value in value.items():
+                flat[f"{key}.{sub}"] = sub_value
+        else:
+            flat[key] = value
+    return flat
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Flattened, not yet coerced key -> value mapping of a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config error: config file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config error: cannot read config file {path}: {e}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise ConfigError(f"config error ({path}{where}): {problem}") from None
+    return _flatten(doc, str(path))
+
+
+def parse_set(assignment: str) -> tuple[str, Any]:
+    """'train.lr=3e-3' -> ('train.lr', '3e-3' parsed as a YAML scalar)."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"config error (--set): {assignment!r} is not KEY=VALUE (e.g. --set train.lr=3e-3)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not a YAML scalar: keep the text; coercion decides whether that is allowed
+    if isinstance(value, (dict, list)):
+        value = raw
+    return key, value
+
+
+def build(layers: list[tuple[str, dict[str, Any]]], base: Config | None = None) -> Config:
+    """Apply (source, flat mapping) layers over `base` (defaults), coerce each value and validate.
+
+    The source of each key is remembered so that a validation error names where the value came from.
+    """
+    valid = set(all_keys())
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for source, flat in layers:
+        for key, value in flat.items():
+            if key not in valid:
+                raise _unknown(key, source)
+            values[key] = coerce(key, value, source)
+            sources[key] = source
+    cfg = replace(base or Config(), values)
+    validate(cfg, sources)
+    return cfg
+
+
+def replace(cfg: Config, values: dict[str, Any]) -> Config:
+    """A copy of cfg with dotted keys replaced (values must already be coerced)."""
+    top = {k: v for k, v in values.items() if "." not in k}
+    for section in SECTIONS:
+        sub = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(section + ".")}
+        if sub:
+            top[section] = dataclasses.replace(getattr(cfg, section), **sub)
+    return dataclasses.replace(cfg, **top)
+
+
+def load(config_path: str | Path | None = None, sets: tuple[str, ...] | list[str] = ()) -> Config:
+    """defaults < config file < --set: the resolved, validated Config."""
+    layers = []
+    if config_path is not None:
+        layers.append((str(config_path), read_yaml(config_path)))
+    layers.append(("--set", dict(parse_set(s) for s in sets)))
+    return build(layers)
+
+
+def get(cfg: Config, key: str) -> Any:
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ---- validation: the one place values are checked -------------------------------------------
+
+_LIMITS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
+    sources = sources or {}
+    for key in all_keys():
+        value, meta = get(cfg, key), _field(key).metadata
+        where = sources.get(key, "default")
+        if value is None:
+            continue
+        if "choices" in meta and value not in meta["choices"]:
+            raise ConfigError(f"config error ({where}): {key} = {_describe(value)}: must be one of {', '.join(meta['choices'])}")
+        rules = [(sym, test, meta[name]) for name, (sym, test) in _LIMITS.items() if name in meta]
+        if any(not test(value, bound) for _, test, bound in rules):
+            allowed = " and ".join(f"{sym} {bound}" for sym, _, bound in rules)
+            raise ConfigError(f"config error ({where}): {key} = {_describe(value)}: must be {allowed}")
+    if cfg.model.bidirectional and cfg.train.seq_len < 2:
+        raise ConfigError(f"config error ({sources.get('train.seq_len', 'default')}): train.seq_len = {cfg.train.seq_len}: "
+                          "a bidirectional (cloze) model needs train.seq_len >= 2")
+
+
+# ---- output ---------------------------------------------------------------------------------
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(doc: dict[str, Any], source: str) -> Config:
+    return build([(source, _flatten(doc, source))])
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def describe_keys() -> str:
+    """Every key with its default and reason, for `charrnn train --help-config`."""
+    lines = []
+    for key in all_keys():
+        f = _field(key)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        lines.append(f"{key} = {default!r}\n    {f.metadata.get('why', '')}")
+    return "\n".join(lines)
