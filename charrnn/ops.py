@@ -1,0 +1,223 @@
+"""Pure forward/backward primitives: all of charrnn's algebra lives here.
+
+Shape legend (used in every math module):
+    N batch (parallel streams or windows)     T time steps in a window
+    S steps a recurrence actually runs (T for next-char towers, T-1 for cloze towers)
+    V vocabulary size                          H hidden size (per direction)
+    D input width of a layer (V for layer 0, H or 2H above)      M = T*N positions
+
+Layout: inside the math, sequences are *time-major*, (T, N, ...), so that the slice a time step
+reads or writes, h[t], is one contiguous (N, H) block and the per-step matrix products run on
+contiguous memory without copies. The model converts the user-facing (N, T) ids once.
+
+Each primitive is a pair: `x_forward(...) -> (out, cache)` and `x_backward(dout, cache) -> grads`
+(the CS231n / llm.c contract). Functions never modify arrays they are given; caches hold only
+what backward needs. Matrices follow the column-vector math of the design documents
+(h_t = tanh(W_xh x_t + W_hh h_{t-1} + b_h), W_hh is H x H), applied to row-vector batches as
+h @ W.T: numpy passes the transpose to BLAS as a flag, it is never copied.
+
+Array module: arithmetic goes through `xp = array_module(x)`, numpy by default, so that an
+array library with numpy's API (e.g. CuPy) can run the same code.
+"""
+from __future__ import annotations
+
+import sys
+from typing import NamedTuple
+
+import numpy as np
+
+
+def array_module(a):
+    """numpy for numpy arrays, else the module the array type comes from (e.g. cupy)."""
+    if isinstance(a, (np.ndarray, np.generic)):
+        return np
+    return sys.modules[type(a).__module__.split(".")[0]]
+
+
+# ---- layer-0 input: a column lookup instead of a one-hot product ------------------------------
+
+class LookupCache(NamedTuple):
+    x: object  # (S, N) int ids
+    V: int
+
+
+def lookup_forward(x, W, b):
+    """Input term of layer 0: W_xh x_t + b_h for one-hot x_t is column x_t of W_xh plus b_h.
+
+    Inputs:  x (S, N) int ids, W (H, V), b (H,)
+    Returns: pre (S, N, H), cache
+    """
+    xp = array_module(W)
+    table = W.T + b  # (V, H): transposed once with the bias folded in, then rows are gathered
+    pre = xp.take(table, x, axis=0)  # (S, N, H)
+    return pre, LookupCache(x, W.shape[1])
+
+
+def lookup_backward(dpre, cache: LookupCache):
+    """Scatter-add of the upstream rows into the columns that were looked up.
+
+    Inputs:  dpre (S, N, H)
+    Returns: dW (H, V), db (H,)
+    """
+    xp = array_module(dpre)
+    H = dpre.shape[-1]
+    dtable = xp.zeros((cache.V, H), dtype=dpre.dtype)  # (V, H)
+    scatter_add_rows(dtable, cache.x.reshape(-1), dpre.reshape(-1, H))
+    # every position adds its row to exactly one table row, so summing the table is the bias grad
+    return dtable.T, dtable.sum(axis=0)
+
+
+def scatter_add_rows(out, idx, rows):
+    """out[idx[i]] += rows[i] for every i, repeated indices accumulating (in place on `out`).
+
+    np.add.at is the literal statement of this but walks the rows one by one; sorting the ids and
+    summing each run of equal ids with add.reduceat does the same additions, in a fixed order,
+    with vectorized inner loops. Only `out`, which the caller allocated for this, is written.
+    """
+    xp = array_module(rows)
+    if idx.size == 0:
+        return out
+    order = xp.argsort(idx, kind="stable")
+    sorted_idx = idx[order]
+    starts = xp.flatnonzero(xp.concatenate([xp.ones(1, bool), sorted_idx[1:] != sorted_idx[:-1]]))
+    out[sorted_idx[starts]] += xp.add.reduceat(rows[order], starts, axis=0)
+    return out
+
+
+# ---- dense affine map: inputs of layers above 0, and the output head -------------------------
+
+class AffineCache(NamedTuple):
+    x: object  # (M, D)
+    W: object  # (K, D)
+
+
+def affine_forward(x, W, b):
+    """Inputs: x (M, D), W (K, D), b (K,).  Returns: out (M, K) = x W^T + b, cache."""
+    out = x @ W.T  # (M, K)
+    out += b
+    return out, AffineCache(x, W)
+
+
+def affine_backward(dout, cache: AffineCache):
+    """Inputs: dout (M, K).  Returns: dx (M, D), dW (K, D), db (K,).
+
+    dW is one (K, M) x (M, D) product over every position at once, the positions summed inside
+    the matrix product rather than in a Python loop.
+    """
+    x, W = cache
+    return dout @ W, dout.T @ x, dout.sum(axis=0)
+
+
+# ---- the recurrence ---------------------------------------------------------------------------
+
+class RNNCache(NamedTuple):
+    hs: object  # (S+1, N, H): h_0 (the carried-in state) followed by h_1..h_S
+    W_hh: object  # (H, H)
+
+
+def rnn_step_forward(h_prev, pre_t, W_hh, out):
+    """One step, written into `out`: h_t = tanh(h_{t-1} W_hh^T + pre_t).
+
+    Inputs: h_prev (N, H), pre_t (N, H) = W_xh x_t + b_h, W_hh (H, H), out (N, H).
+    The sampler calls this too, so both paths share one statement of the recurrence.
+    """
+    xp = array_module(out)
+    xp.matmul(h_prev, W_hh.T, out=out)
+    out += pre_t
+    xp.tanh(out, out=out)
+    return out
+
+
+def rnn_forward(pre, h0, W_hh):
+    """Run the recurrence over S steps from h0.
+
+    Inputs:  pre (S, N, H) input terms W_xh x_t + b_h, h0 (N, H), W_hh (H, H)
+    Returns: hs (S+1, N, H) with hs[0] = h0 and hs[t] = h_t, cache
+
+    hs is one preallocated buffer that the steps write into: no per-step allocation, and the
+    whole history is contiguous for the single dW_hh product in backward.
+    """
+    xp = array_module(pre)
+    S, N, H = pre.shape
+    hs = xp.empty((S + 1, N, H), dtype=pre.dtype)  # (S+1, N, H)
+    hs[0] = h0
+    for t in range(S):
+        rnn_step_forward(hs[t], pre[t], W_hh, out=hs[t + 1])
+    return hs, RNNCache(hs, W_hh)
+
+
+def rnn_backward(dh, cache: RNNCache):
+    """Backpropagation through time over the whole window.
+
+    Inputs:  dh (S, N, H): gradient of the loss reaching h_1..h_S from above (not through time)
+    Returns: dpre (S, N, H), dh0 (N, H), dW_hh (H, H)
+
+    Per step, backwards: the gradient at h_t is the upstream dh[t] plus what flows back from
+    h_{t+1} (dh_next); through tanh it is multiplied by 1 - h_t^2 (tanh' from its output);
+    that gives dpre[t], and dh_next = dpre[t] W_hh (the diag(tanh') W_hh Jacobian of the
+    design notes). dW_hh = sum_t dpre[t]^T h_{t-1} is summed over time after the loop as one
+    (H, S*N) x (S*N, H) product.
+    """
+    xp = array_module(dh)
+    hs, W_hh = cache
+    S, N, H = dh.shape
+    dpre = xp.multiply(hs[1:], hs[1:])  # (S, N, H): h_t^2 ...
+    xp.subtract(1, dpre, out=dpre)  # ... -> tanh'(a_t) = 1 - h_t^2, for all steps in one pass
+    dh_next = xp.zeros((N, H), dtype=dh.dtype)  # (N, H): nothing flows back from beyond the window
+    dh_t = xp.empty((N, H), dtype=dh.dtype)  # (N, H) scratch
+    for t in range(S - 1, -1, -1):
+        xp.add(dh[t], dh_next, out=dh_t)
+        xp.multiply(dpre[t], dh_t, out=dpre[t])
+        xp.matmul(dpre[t], W_hh, out=dh_next)
+    dW_hh = dpre.reshape(S * N, H).T @ hs[:-1].reshape(S * N, H)  # (H, H)
+    return dpre, dh_next, dW_hh
+
+
+# ---- dropout ----------------------------------------------------------------------------------
+
+def dropout_mask(shape, p, rng, dtype):
+    """Inverted-dropout mask: 0 with probability p, else 1/(1-p), so evaluation needs no rescale.
+
+    Masks are drawn outside the forward pass (from the caller's Generator) and passed in, which
+    keeps the forward pure and lets a gradient check hold one mask fixed.
+    """
+    keep = rng.random(shape, dtype=np.float64) >= p
+    return (keep / (1.0 - p)).astype(dtype)
+
+
+# ---- loss -------------------------------------------------------------------------------------
+
+def softmax_cross_entropy(logits, y):
+    """Fused, numerically stable softmax + mean cross-entropy (nats per position).
+
+    Inputs:  logits (M, V), y (M,) int targets
+    Returns: loss (a Python float), dlogits (M, V)
+
+    Subtracting the row max before exp keeps exp(z) <= 1 (min-char-rnn does not, and overflows).
+    log-softmax = z - log(sum exp z), so loss = mean(log(sum exp z) - z[y]).
+    The loss is the *mean* over M positions, so every row of the gradient
+    d loss / d logits = softmax - onehot(y) is divided by M: the chain rule starts here.
+    """
+    xp = array_module(logits)
+    M = logits.shape[0]
+    rows = xp.arange(M)
+    z = logits - logits.max(axis=1, keepdims=True)  # (M, V), new array: logits stay untouched
+    picked = z[rows, y]  # (M,)
+    xp.exp(z, out=z)  # z now holds exp(z)
+    total = z.sum(axis=1)  # (M,)
+    loss = float(xp.mean(xp.log(total.astype(np.float64)) - picked))
+    z *= (1.0 / (total * M))[:, None]  # softmax / M
+    z[rows, y] -= 1.0 / M
+    return loss, z
+
+
+def cross_entropy_sum(logits, y):
+    """Sum (not mean) of -log softmax(logits)[y] in float64: evaluation accumulates it over windows.
+
+    Inputs: logits (M, V), y (M,).  Returns: a Python float.
+    """
+    xp = array_module(logits)
+    z = logits - logits.max(axis=1, keepdims=True)  # (M, V)
+    picked = z[xp.arange(len(y)), y].astype(np.float64)  # (M,)
+    xp.exp(z, out=z)
+    return float(xp.sum(xp.log(z.sum(axis=1, dtype=np.float64)) - picked))
