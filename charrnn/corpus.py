@@ -1,0 +1,191 @@
+"""Corpus sources: text files, built-in corpora and the download catalog; chunked, checked decoding.
+
+`data.path` is one of
+  * a path to a text file;
+  * `builtin:python-docs`: the English text of the Python documentation topics that ship with
+    every CPython (`pydoc_data.topics`), written once into the cache so training works offline;
+  * a catalog name from `corpora/catalog.json` (e.g. `tinyshakespeare`): downloaded on first use
+    into `corpora/`, its size and sha256 verified.
+
+Files are read in fixed-size byte chunks through an incremental decoder, so a multi-byte
+character split across chunks is reassembled and memory does not grow with file size.
+"""
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from charrnn.errors import DataError
+
+CHUNK_BYTES = 8 << 20  # 8 MiB: big enough for numpy to amortize, small enough to bound memory
+BUILTIN_PREFIX = "builtin:"
+CORPORA_DIR = Path(__file__).resolve().parent.parent / "corpora"
+
+
+def cache_root(configured: str | None = None) -> Path:
+    """data.cache_dir, else $CHARRNN_CACHE_DIR, else $XDG_CACHE_HOME/charrnn or ~/.cache/charrnn."""
+    if configured:
+        return Path(configured).expanduser()
+    if os.environ.get("CHARRNN_CACHE_DIR"):
+        return Path(os.environ["CHARRNN_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "charrnn"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same directory and a rename: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---- resolving data.path -----------------------------------------------------------------------
+
+def builtin_python_docs(cache_dir: str | None) -> Path:
+    """Materialize pydoc_data.topics (about 465k characters) as a text file, once."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k].strip("\n") for k in sorted(topics)) + "\n"
+    data = text.encode("utf-8")
+    digest = hashlib.sha256(data).hexdigest()[:12]  # differs between Python versions
+    path = cache_root(cache_dir) / "corpora" / f"python-docs-{digest}.txt"
+    if not path.exists():
+        try:
+            atomic_write_bytes(path, data)
+        except OSError as e:
+            raise DataError(f"cannot write the builtin corpus to {path}: {e.strerror}; set data.cache_dir to a writable directory") from None
+    return path
+
+
+def catalog(corpora_dir: Path = CORPORA_DIR) -> dict:
+    path = corpora_dir / "catalog.json"
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def fetch_catalog_entry(name: str, corpora_dir: Path = CORPORA_DIR, timeout: float = 30.0) -> Path:
+    """The verified local copy of a catalog corpus, downloading it first if needed."""
+    entry = catalog(corpora_dir)[name]
+    path = corpora_dir / entry["file"]
+    by_hand = (f"put the file there by hand: {path} ({entry['size']:,} bytes, sha256 {entry['sha256']}, "
+               f"from {entry['url']})")
+    if not path.exists():
+        try:
+            with urllib.request.urlopen(entry["url"], timeout=timeout) as response:
+                data = response.read(entry["size"] + 1)
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise DataError(f"cannot download {name} ({reason}); {by_hand}") from None
+        if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise DataError(f"download of {name} from {entry['url']} does not match the catalog's size and sha256; {by_hand}")
+        atomic_write_bytes(path, data)
+    elif _sha256_file(path) != entry["sha256"]:
+        raise DataError(f"{path} does not match the catalog's sha256 for {name}; delete it to download again, or {by_hand}")
+    return path
+
+
+def resolve(spec: str, cache_dir: str | None = None, key: str = "data.path") -> Path:
+    """The text file that a data.path (or data.val_path) value names."""
+    if spec.startswith(BUILTIN_PREFIX):
+        if spec == "builtin:python-docs":
+            return builtin_python_docs(cache_dir)
+        raise DataError(f"{key} = {spec!r}: unknown builtin corpus; available: builtin:python-docs")
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    if spec in catalog():
+        return fetch_catalog_entry(spec)
+    if path.is_dir():
+        raise DataError(f"{key} = {spec!r} is a directory; give a text file")
+    names = ", ".join(["builtin:python-docs", *catalog()])
+    raise DataError(f"{key} = {spec!r}: no such file (or give one of: {names})")
+
+
+# ---- chunked, checked decoding -----------------------------------------------------------------
+
+def file_sha256(path: Path) -> str:
+    try:
+        return _sha256_file(path)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+
+
+def iter_codepoints(path: Path, encoding: str = "utf-8", chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+    """Code points of the file, chunk by chunk: uint8 arrays for all-ASCII chunks, else uint32.
+
+    Raises DataError for undecodable bytes (naming the byte offset and the encoding option) and
+    for binary files (a NUL character: text never contains one).
+    """
+    try:
+        decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    except LookupError:
+        raise DataError(f"data.encoding = {encoding!r} is not a known text encoding (e.g. utf-8, latin-1, utf-16)") from None
+    ascii_fast = codecs.lookup(encoding).name in ("utf-8", "ascii", "iso8859-1", "cp1252")
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        offset = chars = 0
+        while True:
+            chunk = f.read(chunk_bytes)
+            final = len(chunk) < chunk_bytes
+            pending = decoder.getstate()[0]
+            if ascii_fast and not pending and chunk.isascii():
+                cps = np.frombuffer(chunk, dtype=np.uint8)  # ASCII: bytes are the code points
+            else:
+                try:
+                    text = decoder.decode(chunk, final=final)
+                except UnicodeDecodeError as e:
+                    at = offset - len(pending) + e.start
+                    raise DataError(f"{path}: cannot decode byte offset {at} as {encoding} ({e.reason}); "
+                                    "set data.encoding (e.g. --set data.encoding=latin-1)") from None
+                cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+            if cps.size and not cps.all():
+                at = chars + int(np.argmin(cps))
+                raise DataError(f"{path} looks like a binary file (NUL character at character {at}); give a text file")
+            offset += len(chunk)
+            chars += len(cps)
+            if cps.size:
+                yield cps
+            if final:
+                return
+
+
+def count_codepoints(path: Path, encoding: str) -> tuple[np.ndarray, int]:
+    """Dense counts per code point (length max_cp + 1) and the number of characters."""
+    counts = np.zeros(256, dtype=np.int64)
+    n = 0
+    for cps in iter_codepoints(path, encoding):
+        chunk_counts = np.bincount(cps)
+        if len(chunk_counts) > len(counts):
+            counts = np.concatenate([counts, np.zeros(len(chunk_counts) - len(counts), np.int64)])
+        counts[: len(chunk_counts)] += chunk_counts
+        n += len(cps)
+    if n == 0:
+        raise DataError(f"{path} is empty; give a text file with some characters")
+    if not any(not chr(c).isspace() for c in np.flatnonzero(counts)):
+        raise DataError(f"{path} holds only whitespace; give a text file with some characters")
+    return counts, n
