@@ -1,0 +1,98 @@
+"""Where each training and evaluation window comes from. Pure functions of (ids, position, rng).
+
+Left-to-right (next-char) training, truncated BPTT:
+    The n training ids are cut into N contiguous streams of `span = (n - 1) // N` characters;
+    stream i starts at i * span. Step k takes characters [pos, pos + T] of every stream (inputs
+    x = the first T, targets y = the last T) and advances pos by T. The hidden state after a
+    window is carried into the next one (values only: no gradient flows back across windows).
+    When the next window would run past the end of a stream, pos returns to 0 and the state is
+    reset to zeros: that is the only reset. The last `span % T` characters of each stream and
+    the `n - N * span` characters after the last stream are not trained on in that pass.
+
+Bidirectional (cloze) training: N independent windows of T characters at uniformly random
+starts, drawn from the trainer's Generator; every window starts from zero edge states.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from charrnn.errors import DataError
+
+
+def plan_streams(n: int, N: int, T: int) -> tuple[int, int]:
+    """(batch size, span) for n training ids: N shrinks until every stream holds one window.
+
+    Raises DataError, with the numbers, when even one stream of T + 1 characters does not fit.
+    """
+    if n < T + 1:
+        raise DataError(f"the training text has {n} characters but train.seq_len={T} needs at least {T + 1}; "
+                        f"lower train.seq_len (e.g. --set train.seq_len={max(1, n - 1)}) or use a longer corpus")
+    N = min(N, (n - 1) // (T + 1))
+    return N, (n - 1) // N
+
+
+def stream_window(ids, N: int, span: int, T: int, pos: int):
+    """Window at pos of every stream. Returns x (N, T), y (N, T), the next pos, and whether the
+    streams wrapped (pos went back to 0, so the caller resets its hidden state)."""
+    wrapped = pos + T + 1 > span
+    if wrapped:
+        pos = 0
+    idx = (np.arange(N) * span)[:, None] + pos + np.arange(T + 1)  # (N, T+1)
+    w = np.asarray(ids[idx], dtype=np.intp)  # (N, T+1)
+    return w[:, :T], w[:, 1:], pos + T, wrapped
+
+
+def random_windows(ids, N: int, T: int, rng: np.random.Generator):
+    """x (N, T): N windows at random starts (cloze training)."""
+    n = len(ids)
+    if n < T:
+        raise DataError(f"the training text has {n} characters but train.seq_len={T} needs at least {T}; "
+                        f"lower train.seq_len or use a longer corpus")
+    starts = rng.integers(0, n - T + 1, size=N)
+    return np.asarray(ids[starts[:, None] + np.arange(T)], dtype=np.intp)  # (N, T)
+
+
+# ---- evaluation layouts: every character is scored exactly once ----------------------------------
+
+EVAL_MAX_STREAMS = 32
+EVAL_MIN_STREAM = 1000  # characters per stream at least, so cold starts are a small share
+
+
+def eval_streams(n: int) -> tuple[int, int]:
+    """(streams, span) to score the n - 1 next-character predictions of n ids.
+
+    Texts under 2 * EVAL_MIN_STREAM characters are one stream, i.e. scored with their whole left
+    context; longer texts are split into up to 32 streams of >= 1000 characters for speed,
+    each starting from a zero state. The last stream may be shorter (its tail is padding).
+    """
+    predictions = n - 1
+    B = max(1, min(EVAL_MAX_STREAMS, predictions // EVAL_MIN_STREAM))
+    return B, -(-predictions // B)
+
+
+def eval_stream_windows(ids, T: int):
+    """Yield (x, y, valid) windows over eval_streams' layout, in order; the caller carries state.
+
+    x, y (B, Tw) ids with Tw <= T; valid (B, Tw) bool marks real targets (False on padding).
+    """
+    n = len(ids)
+    B, span = eval_streams(n)
+    ids = np.asarray(ids, dtype=np.intp)
+    padded = np.zeros(B * span + 1, dtype=np.intp)
+    padded[:n] = ids
+    starts = (np.arange(B) * span)[:, None]
+    for t0 in range(0, span, T):
+        offs = t0 + np.arange(min(T, span - t0))
+        pos = starts + offs  # (B, Tw) input positions
+        yield padded[pos], padded[pos + 1], pos + 1 <= n - 1
+
+
+def eval_cloze_windows(ids, T: int, N: int):
+    """Yield x (B, Tw) batches of consecutive non-overlapping windows; every character once."""
+    ids = np.asarray(ids, dtype=np.intp)
+    full = len(ids) // T
+    rows = ids[: full * T].reshape(full, T)
+    for b in range(0, full, N):
+        yield rows[b : b + N]
+    if len(ids) % T:
+        yield ids[full * T :][None, :]

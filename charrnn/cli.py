@@ -1,0 +1,224 @@
+"""Command-line interface: parse options, call the library, turn its errors into exit codes.
+
+Exit codes: 0 success; 1 failure (missing or broken file, non-finite training, disk error);
+2 usage or config error; 130 interrupted by SIGINT; 143 stopped by SIGTERM.
+Results go to stdout (sample text, eval numbers); progress and messages go to stderr.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from charrnn import __version__, checkpoint, config, dataset, evaluate
+from charrnn.errors import CharRNNError, DataError, UsageError
+
+SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _fail(e: CharRNNError) -> None:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(e.exit_code)
+
+
+class Group(click.Group):
+    """Turns library errors raised inside any command into one line and the right exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CharRNNError as e:
+            _fail(e)
+
+
+@click.group(cls=Group, context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="charrnn")
+def cli():
+    """Character-level RNN language models on numpy: train, sample, eval."""
+
+
+# ---- train ------------------------------------------------------------------------------------
+
+class _Stopper:
+    """First SIGINT/SIGTERM: finish the step, save, exit 130/143. Second SIGINT: exit now."""
+
+    def __init__(self):
+        self.reason = None
+
+    def __call__(self):
+        return self.reason
+
+    def handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.reason is not None and name == "SIGINT":
+            os._exit(130)  # second Ctrl-C: leave at once, touching no files
+        self.reason = self.reason or name
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML config file (default: the built-in defaults, as in configs/default.yaml).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override one config key, e.g. --set train.lr=3e-3 (repeatable).")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory (default: runs/<name>-<timestamp>).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Continue the run in this directory from its last.npz.")
+@click.option("--init-from", type=click.Path(dir_okay=False, path_type=Path),
+              help="Start a new run from this checkpoint's weights.")
+@click.option("--list-keys", is_flag=True, help="List every config key with its default and exit.")
+def train(config_path, sets, run_dir, resume_dir, init_from, list_keys):
+    """Train a model; writes config, metrics, checkpoints and samples into a run directory."""
+    from charrnn.progress import Reporter
+    from charrnn.train import resume_config, train as run_training
+
+    if list_keys:
+        click.echo(config.describe_keys())
+        return
+    if resume_dir and (config_path or init_from or (run_dir and run_dir != resume_dir)):
+        raise UsageError("--resume takes the run's own config: do not combine it with -c, --init-from or --run-dir")
+    if resume_dir:
+        cfg, target = resume_config(resume_dir, sets), resume_dir
+    else:
+        cfg = config.load(config_path, sets)
+        target = run_dir or _default_run_dir(cfg)
+    stopper = _Stopper()
+    stopper.install()
+    with Reporter() as reporter:
+        summary = run_training(cfg, target, resume=bool(resume_dir), init_from=init_from, report=reporter, stop=stopper)
+    reporter.summary(summary)
+    if summary.interrupted:
+        click.echo(f"stopped by {summary.interrupted} at step {summary.steps}; last.npz saved. Continue with:\n"
+                   f"  charrnn train --resume {summary.run_dir}", err=True)
+        sys.exit(SIGNAL_EXIT[summary.interrupted])
+
+
+def _default_run_dir(cfg) -> Path:
+    from charrnn.runlog import default_run_dir
+
+    return default_run_dir(cfg.name)
+
+
+# ---- sample -----------------------------------------------------------------------------------
+
+def _prime_ids_check(prime: str, vocab) -> None:
+    unknown = vocab.unknown_chars(prime)
+    if unknown and vocab.unk is None:
+        raise UsageError(f"--prime has characters the model does not know: {''.join(unknown)!r}; "
+                         "remove them (this model has no unknown symbol)")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("-l", "--length", type=click.IntRange(min=0), default=500, show_default=True, help="Characters to generate.")
+@click.option("-t", "--temperature", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              help="Divides the logits: < 1 is more conservative, > 1 more random.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample only among the K most likely characters.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling: the smallest set of characters with this much probability.")
+@click.option("--prime", default="", help="Text to start from (printed before the generated text).")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Random seed; the same seed gives the same text. Default: random (printed to stderr).")
+@click.option("--greedy", is_flag=True, help="Always take the most likely character.")
+@click.option("-n", "--num-samples", "n", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Independent samples, generated as one batch, separated by a line '---'.")
+@click.option("--stop", default=None, help="Stop a sample after this string appears in it.")
+@click.option("--infill", default=None, metavar="TEMPLATE", help="Bidirectional models: fill every mask character in TEMPLATE.")
+@click.option("--mask", default="_", show_default=True, help="The mask character for --infill.")
+def sample(target, length, temperature, top_k, top_p, prime, seed, greedy, n, stop, infill, mask):
+    """Generate text from a checkpoint or run directory (its best.npz, else last.npz)."""
+    from charrnn.sample import Knobs, generate, infill as fill
+
+    if len(mask) != 1:
+        raise click.BadParameter("must be exactly one character", param_hint="--mask")
+    ck = checkpoint.load(target, with_training_state=False)
+    vocab = _vocab(ck)
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % 2**32)
+        click.echo(f"seed {seed}", err=True)
+    rng, knobs = np.random.default_rng(seed), Knobs(temperature, top_k or 0, top_p, greedy)
+    out = click.get_binary_stream("stdout")
+    if infill is not None:
+        _prime_ids_check(infill.replace(mask, ""), vocab)
+        text = fill(ck.params, vocab, infill, rng, mask, int(ck.meta["config"]["train"]["seq_len"]), knobs)
+        out.write((text + "\n").encode("utf-8"))
+        return
+    _prime_ids_check(prime, vocab)
+    _write_samples(out, generate(ck.params, vocab, length, rng, n, prime, knobs), n, prime, stop)
+
+
+def _write_samples(out, steps, n: int, prime: str, stop: str | None) -> None:
+    """Stream a single sample as it is generated; print a batch of samples when done."""
+    texts, done = [[] for _ in range(n)], [False] * n
+    if n == 1:
+        out.write(prime.encode("utf-8"))
+    for chars in steps:
+        for i, ch in enumerate(chars):
+            if not done[i]:
+                texts[i].append(ch)
+                done[i] = bool(stop) and "".join(texts[i][-len(stop):]) == stop
+        if n == 1:
+            out.write(chars[0].encode("utf-8"))
+            if chars[0] == "\n":
+                out.flush()
+        if all(done):
+            break
+    if n == 1:
+        out.write(b"\n")
+    else:
+        out.write("\n---\n".join(prime + "".join(t) for t in texts).encode("utf-8") + b"\n")
+    out.flush()
+
+
+def _vocab(ck):
+    from charrnn.vocab import Vocab
+
+    return Vocab.from_json(ck.meta)
+
+
+# ---- eval -------------------------------------------------------------------------------------
+
+@cli.command(name="eval", context_settings=CONTEXT)
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Score this text file instead of a split of the training corpus.")
+@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True,
+              help="Which part of the run's own corpus to score.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_(target, corpus, split, as_json):
+    """Score a checkpoint on text: loss (nats/char), bits/char, perplexity."""
+    ck = checkpoint.load(target, with_training_state=False)
+    cfg = config.from_dict(ck.meta["config"], str(ck.path))
+    vocab = _vocab(ck)
+    if corpus is not None:
+        if not corpus.exists():
+            raise DataError(f"--corpus {corpus}: no such file")
+        ids, unk_rate = evaluate.encode_file(corpus, vocab, cfg.data.encoding)
+    else:
+        data = dataset.load(cfg.data)
+        if data.vocab != vocab:
+            raise DataError(f"the run's corpus {data.source} changed since the checkpoint was written; score a file with --corpus")
+        ids = data.val if split == "val" else data.train
+        if ids is None:
+            raise UsageError("the run has no validation text (data.val_fraction = 0); use --split train or --corpus FILE")
+        unk_rate = float(np.mean(ids == vocab.unk_id)) if vocab.unk is not None and len(ids) else 0.0
+    res = evaluate.evaluate_ids(ck.params, ids, cfg.train.seq_len, unk_rate)
+    if as_json:
+        click.echo(json.dumps(res.as_dict()))
+        return
+    click.echo(f"objective   {res.objective}\nloss        {res.loss:.4f} nats/char\nbpc         {res.bpc:.4f}\n"
+               f"perplexity  {res.perplexity:.3f}\nchars       {res.chars:,}\nunk_rate    {res.unk_rate:.4%}")
+
+
+def main():
+    cli(prog_name="charrnn")
+

@@ -1,0 +1,78 @@
+"""Scoring text with a model: loss in nats/char, bits/char, perplexity.
+
+Next-char models score every character after the first from its left context, in the stream
+layout of batches.eval_streams (one stream for texts under 2,000 characters, so a short text's
+score is exactly the model's mean loss over it). Cloze models score every character from both
+sides within consecutive windows of train.seq_len characters, as in training.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from charrnn import batches, corpus, ops
+from charrnn.errors import DataError
+from charrnn.model import forward, spec_of, targets
+from charrnn.vocab import Vocab
+
+
+class EvalResult(NamedTuple):
+    loss: float  # mean cross-entropy, nats per scored character
+    bpc: float  # bits per character: loss / ln 2
+    perplexity: float  # exp(loss)
+    chars: int  # characters scored
+    unk_rate: float  # share of the input characters that were outside the vocabulary
+    objective: str  # "next-char" or "cloze"
+
+    def as_dict(self) -> dict:
+        return self._asdict()
+
+
+def score(params: dict, ids, seq_len: int, batch: int = 32) -> tuple[float, int]:
+    """(sum of -log p over scored characters in float64, number scored)."""
+    total, count = 0.0, 0
+    if spec_of(params).bidirectional:
+        for x in batches.eval_cloze_windows(ids, seq_len, batch):
+            logits, _, _ = forward(params, x)
+            total += ops.cross_entropy_sum(logits, targets(x))
+            count += x.size
+        return total, count
+    h = None
+    for x, y, valid in batches.eval_stream_windows(ids, seq_len):
+        logits, h, _ = forward(params, x, h)
+        rows = targets(valid)  # (Tw*B,) time-major like the logits
+        total += ops.cross_entropy_sum(logits[rows], targets(x, y)[rows])
+        count += int(rows.sum())
+    return total, count
+
+
+def result(total: float, count: int, objective: str, unk_rate: float = 0.0) -> EvalResult:
+    loss = total / count
+    return EvalResult(loss, loss / math.log(2), math.exp(min(loss, 700.0)), count, unk_rate, objective)
+
+
+def evaluate_ids(params: dict, ids, seq_len: int, unk_rate: float = 0.0) -> EvalResult:
+    spec = spec_of(params)
+    if len(ids) < (1 if spec.bidirectional else 2):
+        raise DataError(f"the text has {len(ids)} characters; a {spec.objective} model needs at least "
+                        f"{1 if spec.bidirectional else 2} to score")
+    return result(*score(params, ids, seq_len), spec.objective, unk_rate)
+
+
+def encode_file(path: Path, vocab: Vocab, encoding: str) -> tuple[np.ndarray, float]:
+    """Ids of a text file and its unknown-character rate. Unknown characters become the unknown
+    symbol if the vocabulary has one, else they are left out of the scored text."""
+    parts, unknown, n = [], 0, 0
+    for cps in corpus.iter_codepoints(path, encoding):
+        ids = vocab.lookup(cps)
+        missing = ids < 0
+        unknown += int(missing.sum())
+        n += len(ids)
+        ids = np.where(missing, vocab.unk_id, ids) if vocab.unk is not None else ids[~missing]
+        parts.append(ids.astype(vocab.dtype))
+    if n == 0:
+        raise DataError(f"{path} is empty; give a text file with some characters")
+    return np.concatenate(parts), unknown / n

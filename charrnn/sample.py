@@ -1,0 +1,145 @@
+"""Generating text: left-to-right sampling for next-char models, gap filling for cloze models.
+
+Sampling draws one uniform number per character and stream and inverts the cumulative
+distribution (no rng.choice per character, which is slow and re-normalizes). The same
+Generator state therefore gives the same text. The unknown symbol is never emitted.
+"""
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+from charrnn import ops
+from charrnn.errors import UsageError
+from charrnn.model import forward, spec_of
+from charrnn.vocab import Vocab
+
+UNIFORM_BLOCK = 1024  # uniforms drawn per Generator call (per stream)
+
+
+class Knobs(NamedTuple):
+    temperature: float = 1.0  # > 0; divides the logits
+    top_k: int = 0  # keep the k most likely characters (0: all)
+    top_p: float = 1.0  # keep the smallest set with this much probability (1: all)
+    greedy: bool = False  # always the most likely character (ignores the rest)
+
+
+def pick(logits, u, knobs: Knobs, banned: int = -1):
+    """Characters (n,) from logits (n, V) already divided by the temperature and uniforms u (n,)."""
+    if banned >= 0:
+        logits[:, banned] = -np.inf
+    if knobs.greedy:
+        return logits.argmax(axis=1)
+    p = logits - logits.max(axis=1, keepdims=True)  # (n, V)
+    np.exp(p, out=p)
+    V = p.shape[1]
+    if 0 < knobs.top_k < V:
+        kth = np.partition(p, V - knobs.top_k, axis=1)[:, V - knobs.top_k, None]  # (n, 1)
+        p[p < kth] = 0
+    if knobs.top_p < 1:
+        order = np.argsort(-p, axis=1)  # (n, V) most likely first
+        sp = np.take_along_axis(p, order, axis=1)
+        before = np.cumsum(sp, axis=1) - sp  # mass of the more likely characters
+        sp[before >= knobs.top_p * sp.sum(axis=1, keepdims=True)] = 0  # keep the top always
+        np.put_along_axis(p, order, sp, axis=1)
+    cdf = np.cumsum(p, axis=1)  # (n, V)
+    idx = (cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1)  # first index where cdf > u * total
+    return np.minimum(idx, V - 1)
+
+
+class _Net(NamedTuple):
+    """Per-layer arrays for single-step inference, prepared once per generation."""
+
+    table0: object  # (V, H): W_xh^T + b_h of layer 0, gathered by row
+    upper: list  # [(W_xh, b_h)] for layers 1..L-1
+    W_hh: list  # [(H, H)] per layer
+    W_out: object  # (H, V) = W_ho^T / temperature
+    b_out: object  # (V,) = b_o / temperature
+
+
+def _prepare(params: dict, temperature: float) -> _Net:
+    spec = spec_of(params)
+    t = params["out.W_ho"].dtype.type(1.0 / temperature)
+    return _Net(params["layers.0.fwd.W_xh"].T + params["layers.0.fwd.b_h"],
+                [(params[f"layers.{l}.fwd.W_xh"], params[f"layers.{l}.fwd.b_h"]) for l in range(1, spec.L)],
+                [params[f"layers.{l}.fwd.W_hh"] for l in range(spec.L)],
+                np.ascontiguousarray(params["out.W_ho"].T) * t, params["out.b_o"] * t)
+
+
+def _step(net: _Net, c, h: list, spare: list):
+    """Advance every layer by one character c (n,); returns logits (n, V) and swaps h/spare."""
+    inp = np.take(net.table0, c, axis=0)  # (n, H)
+    for l in range(len(h)):
+        if l > 0:
+            W, b = net.upper[l - 1]
+            inp = h[l - 1] @ W.T + b  # (n, H)
+        ops.rnn_step_forward(h[l], inp, net.W_hh[l], out=spare[l])
+        h[l], spare[l] = spare[l], h[l]
+    return h[-1] @ net.W_out + net.b_out  # (n, V)
+
+
+def generate(params: dict, vocab: Vocab, length: int, rng: np.random.Generator, n: int = 1,
+             prime: str = "", knobs: Knobs = Knobs()) -> Iterator[list]:
+    """Yield, for each of `length` steps, the list of n new characters (one per stream).
+
+    The prime text (default: a newline, or the first vocabulary character) is read first; its
+    characters must be in the vocabulary or map to the unknown symbol.
+    """
+    spec = spec_of(params)
+    if spec.bidirectional:
+        raise UsageError("this is a bidirectional (cloze) checkpoint: it fills gaps and cannot generate left to right; "
+                         "use --infill TEMPLATE (e.g. --infill 'to be or __ to be')")
+    start = prime or ("\n" if "\n" in vocab.chars else vocab.chars[0])
+    ids = np.tile(vocab.encode(start, on_unknown="unk").astype(np.intp), (n, 1))  # (n, P)
+    if ids.shape[1] > 1:  # the prime minus its last character, in one batched forward pass
+        _, h0, _ = forward(params, ids[:, :-1])
+        h = [a.copy() for a in h0["fwd"]]
+    else:
+        h = [np.zeros((n, spec.H), dtype=params["out.W_ho"].dtype) for _ in range(spec.L)]
+    net, spare = _prepare(params, knobs.temperature), [a.copy() for a in h]
+    c = ids[:, -1]
+    for i in range(length):
+        if i % UNIFORM_BLOCK == 0:
+            uniforms = rng.random((UNIFORM_BLOCK, n))
+        logits = _step(net, c, h, spare)
+        c = pick(logits, uniforms[i % UNIFORM_BLOCK], knobs, vocab.unk_id)
+        yield [vocab.chars[j] for j in c]
+
+
+def sample_text(params: dict, vocab: Vocab, length: int, rng: np.random.Generator, prime: str = "",
+                knobs: Knobs = Knobs(), stop: str | None = None) -> str:
+    """One sample as a string (prime included), cut after the first `stop` string if given."""
+    out = []
+    for chars in generate(params, vocab, length, rng, 1, prime, knobs):
+        out.append(chars[0])
+        if stop and stop in "".join(out[-len(stop):]):
+            break
+    return prime + "".join(out)
+
+
+# ---- gap filling with a cloze model ----------------------------------------------------------------
+
+def infill(params: dict, vocab: Vocab, template: str, rng: np.random.Generator, mask: str = "_",
+           seq_len: int = 64, knobs: Knobs = Knobs(), sweeps: int = 3) -> str:
+    """Replace every `mask` character of template using the text on both sides.
+
+    Each gap is predicted from a window of up to seq_len - 1 characters on each side (the
+    contexts the model saw in training), gaps visited left to right. Gaps not yet filled hold
+    a placeholder (a space, if in the vocabulary); later sweeps re-predict every gap given the
+    current fill of all the others (Gibbs-style), so each gap ends up conditioned on both sides.
+    """
+    spec = spec_of(params)
+    if not spec.bidirectional:
+        raise UsageError("--infill needs a bidirectional (cloze) checkpoint; this one is a next-char model")
+    gaps = [i for i, ch in enumerate(template) if ch == mask]
+    ids = vocab.encode(template.replace(mask, " " if " " in vocab.chars else vocab.chars[0]),
+                       on_unknown="unk").astype(np.intp)
+    reach = max(1, seq_len - 1)
+    draws = rng.random(max(1, sweeps) * len(gaps))
+    for k, t in enumerate(g for _ in range(max(1, sweeps)) for g in gaps):
+        lo, hi = max(0, t - reach), min(len(ids), t + reach + 1)
+        logits, _, _ = forward(params, ids[None, lo:hi])  # (hi-lo, V): row j predicts position lo+j
+        row = logits[t - lo : t - lo + 1] / knobs.temperature
+        ids[t] = pick(row, draws[k : k + 1], knobs, vocab.unk_id)[0]
+    return vocab.decode(ids)

@@ -1,0 +1,374 @@
+"""The training loop: the only place that holds mutable state.
+
+`train(cfg, run_dir)` builds a TrainState (flat parameters with named views, optimizer state,
+step, data position, carried hidden state, Generator), then repeats: take a window, loss and
+gradients, clip, update; log, evaluate and checkpoint on their intervals. Everything that
+--resume needs is in the checkpoint, so a resumed run continues bit for bit.
+
+The library reports progress through a `report(kind, record)` callback and never prints;
+cli.py decides what the user sees.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from charrnn import __version__, batches, checkpoint, config, dataset, evaluate, model, optim, runlog
+from charrnn.config import Config
+from charrnn.errors import CheckpointError, ConfigError, DataError, TrainingError
+from charrnn.sample import Knobs, sample_text
+
+Report = Callable[[str, dict], None]
+
+# keys --resume may change; everything else must match the run's config
+RESUMABLE_KEYS = ("train.max_steps", "train.eval_every", "train.eval_chars", "train.log_every",
+                  "train.checkpoint_every", "train.keep_last", "train.sample_chars",
+                  "train.on_nonfinite", "train.max_skips", "data.cache_dir", "name")
+
+
+@dataclass
+class TrainState:
+    theta: np.ndarray  # all parameters, one flat vector
+    params: dict  # name -> view into theta
+    opt: dict  # slot -> flat optimizer state
+    rng: np.random.Generator  # dropout masks and cloze windows
+    h: dict | None  # hidden state carried into the next window (None: zeros)
+    step: int = 0  # optimizer steps taken (skipped batches count as steps)
+    updates: int = 0  # updates applied: Adam's t
+    pos: int = 0  # offset of the next window inside each stream
+    chars_seen: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    skips: int = 0
+    last_finite_loss: float | None = None
+    elapsed_before: float = 0.0  # seconds spent in earlier sessions of this run
+    acc: dict = field(default_factory=dict)  # sums over the current logging interval
+
+
+@dataclass(frozen=True)
+class Context:
+    """What does not change during a run."""
+
+    cfg: Config
+    data: dataset.Dataset
+    run: runlog.RunDir
+    layout: optim.Layout
+    spec: model.Spec
+    N: int
+    span: int  # stream length (next-char) or 0 (cloze)
+    decay_mask: np.ndarray | None
+    dtype: np.dtype
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    objective: str
+    steps: int
+    chars_seen: int
+    elapsed_s: float
+    chars_per_sec: float
+    best_val_loss: float | None
+    best_step: int | None
+    last_checkpoint: Path
+    best_checkpoint: Path | None
+    interrupted: str | None = None  # the signal name when stopped early
+
+
+def _noop(kind: str, record: dict) -> None:
+    pass
+
+
+# ---- setting up -------------------------------------------------------------------------------
+
+def _context(cfg: Config, data: dataset.Dataset, run: runlog.RunDir, report: Report) -> tuple[Config, Context]:
+    spec = model.Spec(len(data.vocab), cfg.model.hidden_size, cfg.model.num_layers,
+                      model.DIRECTIONS if cfg.model.bidirectional else model.DIRECTIONS[:1])
+    N, span = cfg.train.batch_size, 0
+    if not spec.bidirectional:
+        N, span = batches.plan_streams(len(data.train), cfg.train.batch_size, cfg.train.seq_len)
+    elif len(data.train) < cfg.train.seq_len:
+        batches.random_windows(data.train, 1, cfg.train.seq_len, np.random.default_rng(0))  # raises with the numbers
+    if N != cfg.train.batch_size:
+        report("warning", {"message": f"the training text ({len(data.train):,} characters) is too short for "
+                                      f"{cfg.train.batch_size} streams of {cfg.train.seq_len + 1}; using train.batch_size={N}"})
+        cfg = config.replace(cfg, {"train.batch_size": N})
+    dtype = np.dtype(cfg.train.dtype)
+    layout = optim.Layout.of(model.param_shapes(spec.V, spec.H, spec.L, spec.bidirectional))
+    decay = layout.mask(lambda n: ".W_" in n, dtype) if cfg.train.weight_decay > 0 else None
+    return cfg, Context(cfg, data, run, layout, spec, N, span, decay, dtype)
+
+
+def _fresh_state(ctx: Context, init_params: dict | None = None) -> TrainState:
+    cfg = ctx.cfg
+    rng = np.random.default_rng(cfg.seed)
+    params = init_params or model.init_params(ctx.spec.V, ctx.spec.H, ctx.spec.L, ctx.spec.bidirectional, rng,
+                                              ctx.dtype, cfg.model.init_scale)
+    theta = ctx.layout.flatten(params, ctx.dtype)
+    return TrainState(theta, ctx.layout.views(theta), optim.init_state(cfg.train.optimizer, ctx.layout.size, ctx.dtype), rng, None)
+
+
+def _restore_state(ctx: Context, ck: checkpoint.Checkpoint) -> TrainState:
+    meta = ck.meta
+    state = _fresh_state(ctx, ck.params)
+    for slot, flat in state.opt.items():
+        if slot not in ck.optim:
+            raise CheckpointError(f"{ck.path}: missing optimizer state optim/{slot}; cannot resume exactly")
+        flat[:] = ctx.layout.flatten(ck.optim[slot], ctx.dtype)
+    state.rng.bit_generator.state = meta["rng"]
+    state.h = ck.state or None
+    for key in ("step", "updates", "pos", "chars_seen", "best_val_loss", "best_step", "skips", "last_finite_loss"):
+        setattr(state, key, meta[key])
+    state.elapsed_before, state.acc = meta["elapsed_s"], meta.get("acc", {})
+    return state
+
+
+def _meta(ctx: Context, state: TrainState, elapsed: float) -> dict:
+    return {"objective": ctx.spec.objective, **ctx.data.vocab.to_json(), "config": config.to_dict(ctx.cfg),
+            "step": state.step, "best_val_loss": state.best_val_loss, "best_step": state.best_step,
+            "updates": state.updates, "pos": state.pos, "chars_seen": state.chars_seen, "skips": state.skips,
+            "last_finite_loss": state.last_finite_loss, "rng": state.rng.bit_generator.state,
+            "elapsed_s": elapsed, "acc": state.acc, "corpus_sha256": ctx.data.sha256,
+            "charrnn_version": __version__, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def check_resume_config(old: Config, new: Config) -> Config:
+    """new, if it differs from the run's own config only in run-length and logging keys."""
+    refused = [k for k in config.all_keys() if config.get(old, k) != config.get(new, k) and k not in RESUMABLE_KEYS]
+    if refused:
+        k = refused[0]
+        raise ConfigError(f"config error (--set): --resume cannot change {k} (the run has {config.get(old, k)!r}, "
+                          f"asked for {config.get(new, k)!r}); only {', '.join(RESUMABLE_KEYS)} may change. "
+                          "Start a new run, or use --init-from to start from its weights")
+    return new
+
+
+# ---- one step ---------------------------------------------------------------------------------
+
+def _batch(ctx: Context, state: TrainState):
+    T = ctx.cfg.train.seq_len
+    if ctx.spec.bidirectional:
+        return batches.random_windows(ctx.data.train, ctx.N, T, state.rng), None
+    x, y, state.pos, wrapped = batches.stream_window(ctx.data.train, ctx.N, ctx.span, T, state.pos)
+    if wrapped:
+        state.h = None
+    return x, y
+
+
+def train_step(ctx: Context, state: TrainState) -> dict:
+    """One optimizer step; returns its numbers. A non-finite loss or gradient applies no update."""
+    cfg = ctx.cfg.train
+    x, y = _batch(ctx, state)
+    masks = model.dropout_masks(ctx.spec, ctx.N, cfg.seq_len, ctx.cfg.model.dropout, state.rng, ctx.dtype)
+    with np.errstate(all="ignore"):  # overflow shows up as a non-finite loss or norm, checked below
+        result = model.loss_and_grads(state.params, x, y, state.h, masks)
+        g = ctx.layout.flatten(result.grads, ctx.dtype)
+        norm, clipped = optim.clip(g, cfg.clip_norm, cfg.clip_value)
+    lr = optim.lr_at(state.step, cfg)
+    finite = math.isfinite(result.loss) and math.isfinite(norm)
+    if finite:
+        state.updates += 1
+        optim.update(state.theta, g, state.opt, state.updates, lr, cfg, ctx.decay_mask)
+        state.h = None if ctx.spec.bidirectional else result.h_last
+        state.last_finite_loss = result.loss
+    state.step += 1
+    state.chars_seen += x.size
+    return {"loss": result.loss, "grad_norm": norm, "clipped": clipped, "lr": lr, "finite": finite}
+
+
+def _nonfinite(ctx: Context, state: TrainState, out: dict) -> None:
+    cfg = ctx.cfg.train
+    last = f"{state.last_finite_loss:.4f}" if state.last_finite_loss is not None else "none yet"
+    what = f"non-finite {'loss' if not math.isfinite(out['loss']) else 'gradient'} at step {state.step}"
+    if cfg.on_nonfinite == "skip":
+        state.skips += 1
+        if state.skips <= cfg.max_skips:
+            return
+        raise TrainingError(f"{what}: {state.skips} batches skipped, more than train.max_skips={cfg.max_skips}; "
+                            f"last finite loss {last}. Lower train.lr or set train.clip_norm (e.g. 1)")
+    raise TrainingError(f"{what} (update not applied; last finite loss {last}). Lower train.lr (now {cfg.lr}), "
+                        f"set train.clip_norm (now {cfg.clip_norm or 'off'}), or use --set train.on_nonfinite=skip")
+
+
+# ---- logging, evaluation, checkpoints -----------------------------------------------------------
+
+def _accumulate(state: TrainState, out: dict, chars: int) -> None:
+    a = state.acc
+    a["steps"] = a.get("steps", 0) + 1
+    a["chars"] = a.get("chars", 0) + chars
+    a["clipped"] = a.get("clipped", 0) + int(out["clipped"])
+    if out["finite"]:
+        a["loss_sum"] = a.get("loss_sum", 0.0) + out["loss"]
+        a["finite"] = a.get("finite", 0) + 1
+        a["norm_max"] = max(a.get("norm_max", 0.0), out["grad_norm"])
+
+
+def _log_record(ctx: Context, state: TrainState, out: dict, seconds: float, elapsed: float) -> dict:
+    a, state.acc = state.acc, {}
+    return {"step": state.step, "epoch": state.chars_seen / len(ctx.data.train), "chars_seen": state.chars_seen,
+            "train_loss": a["loss_sum"] / a["finite"] if a.get("finite") else None,
+            "lr": out["lr"], "grad_norm": out["grad_norm"] if math.isfinite(out["grad_norm"]) else None,
+            "grad_norm_max": a.get("norm_max"), "clipped": out["clipped"], "clip_frac": a["clipped"] / a["steps"],
+            "skips": state.skips, "chars_per_sec": a["chars"] / seconds if seconds > 0 else None, "elapsed_s": elapsed}
+
+
+def _save(ctx: Context, state: TrainState, path: Path, elapsed: float) -> None:
+    try:
+        checkpoint.save(path, state.params, _meta(ctx, state, elapsed),
+                        {slot: ctx.layout.views(flat) for slot, flat in state.opt.items()}, state.h)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror}; the previous checkpoint is intact") from None
+
+
+def _evaluate(ctx: Context, state: TrainState, elapsed: float, report: Report) -> dict:
+    """Validation loss (and a sample for next-char models); best.npz when it improves."""
+    val = ctx.data.val
+    if ctx.cfg.train.eval_chars:
+        val = val[: ctx.cfg.train.eval_chars + 1]
+    res = evaluate.evaluate_ids(state.params, val, ctx.cfg.train.seq_len)
+    record = {"val_loss": res.loss, "val_bpc": res.bpc}
+    if state.best_val_loss is None or res.loss < state.best_val_loss:
+        state.best_val_loss, state.best_step = res.loss, state.step
+        _save(ctx, state, ctx.run.best, elapsed)
+    if not ctx.spec.bidirectional and ctx.cfg.train.sample_chars:
+        text = sample_text(state.params, ctx.data.vocab, ctx.cfg.train.sample_chars,
+                           np.random.default_rng([ctx.cfg.seed, state.step]), knobs=Knobs(temperature=0.8))
+        try:
+            runlog.write_text(ctx.run.sample_file(state.step), text)
+        except OSError as e:
+            report("warning", {"message": f"cannot write sample {ctx.run.sample_file(state.step)}: {e.strerror}"})
+        report("sample", {"step": state.step, "text": text})
+    return record
+
+
+def _after_step(ctx: Context, state: TrainState, out: dict, clock: dict, report: Report) -> None:
+    """Log, evaluate and checkpoint when their intervals come round."""
+    cfg, step = ctx.cfg.train, state.step
+    now = time.perf_counter()
+    elapsed = state.elapsed_before + now - clock["start"]
+    at_end = step == cfg.max_steps
+    do_eval = ctx.data.val is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or at_end)
+    if step % cfg.log_every == 0 or do_eval or at_end:
+        record = _log_record(ctx, state, out, now - clock["interval"], elapsed)
+        clock["interval"] = now
+        if do_eval:
+            record.update(_evaluate(ctx, state, elapsed, report))
+            clock["interval"] = time.perf_counter()  # evaluation time is not training throughput
+        try:
+            runlog.append_metrics(ctx.run, record)
+        except OSError as e:
+            raise CheckpointError(f"cannot append to {ctx.run.metrics}: {e.strerror}; checkpoints so far are intact") from None
+        report("log", record)
+    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not at_end:
+        _save(ctx, state, ctx.run.last, elapsed)
+        if cfg.keep_last:
+            _save(ctx, state, ctx.run.periodic(step), elapsed)
+            runlog.prune_periodic(ctx.run, cfg.keep_last)
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+def resume_config(run_dir: str | Path, sets: list[str] | tuple = ()) -> Config:
+    """The config of an existing run with --set overrides of run-length and logging keys only."""
+    run = runlog.RunDir(run_dir)
+    if not run.last.exists():
+        raise CheckpointError(f"cannot resume {run.root}: no checkpoints/last.npz there")
+    old = config.from_dict(checkpoint.load(run.last).meta["config"], str(run.last))
+    new = config.build([("--set", dict(config.parse_set(s) for s in sets))], base=old)
+    return check_resume_config(old, new)
+
+
+def _start(cfg: Config, run: runlog.RunDir, resume: bool, init_from: str | None, report: Report):
+    data = dataset.load(cfg.data)
+    if resume:
+        runlog.lock(run)
+        ck = checkpoint.load(run.last)
+        if ck.meta.get("corpus_sha256") != data.sha256 or _vocab_of(ck.meta) != data.vocab.to_json():
+            raise DataError(f"the corpus {data.source} changed since run {run.root} started; resume needs the same "
+                            "corpus (use --init-from to start a new run from its weights)")
+        cfg, ctx = _context(cfg, data, run, report)
+        state = _restore_state(ctx, ck)
+        runlog.truncate_metrics(run, state.step)
+        return ctx, state
+    init = None
+    if init_from:
+        init = _init_weights(init_from, cfg, data)
+    runlog.create(run)
+    runlog.lock(run)
+    cfg, ctx = _context(cfg, data, run, report)
+    runlog.write_text(run.config, config.dump_yaml(cfg))
+    return ctx, _fresh_state(ctx, init)
+
+
+def _vocab_of(meta: dict) -> dict:
+    """The vocabulary part of checkpoint metadata, comparable with Vocab.to_json()."""
+    return {"vocab": meta.get("vocab"), "unk": meta.get("unk")}
+
+
+def _init_weights(path: str, cfg: Config, data: dataset.Dataset) -> dict:
+    ck = checkpoint.load(path, with_training_state=False)
+    if _vocab_of(ck.meta) != data.vocab.to_json():
+        theirs = set(ck.meta["vocab"])
+        missing = "".join(c for c in data.vocab.chars if c not in theirs)
+        raise DataError(f"--init-from {path}: its vocabulary does not match the corpus"
+                        + (f"; characters the checkpoint does not know: {missing[:40]!r}" if missing else
+                           f" (it has {len(theirs)} characters, the corpus {len(data.vocab)})"))
+    spec = model.spec_of(ck.params)
+    want = (cfg.model.hidden_size, cfg.model.num_layers, cfg.model.bidirectional)
+    if (spec.H, spec.L, spec.bidirectional) != want:
+        raise ConfigError(f"--init-from {path}: checkpoint model is hidden_size={spec.H}, num_layers={spec.L}, "
+                          f"bidirectional={spec.bidirectional}, config asks for {want[0]}, {want[1]}, {want[2]}; "
+                          "set the model keys to match")
+    return {k: v.astype(cfg.train.dtype) for k, v in ck.params.items()}
+
+
+def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: str | None = None,
+          report: Report = _noop, stop: Callable[[], str | None] = lambda: None) -> RunSummary:
+    """Train (or continue) a run in run_dir until train.max_steps or until stop() names a reason."""
+    run = runlog.RunDir(run_dir)
+    try:
+        ctx, state = _start(cfg, run, resume, init_from, report)
+        return _loop(ctx, state, report, stop)
+    finally:
+        runlog.unlock(run)
+
+
+def _loop(ctx: Context, state: TrainState, report: Report, stop) -> RunSummary:
+    cfg = ctx.cfg.train
+    report("start", {"run_dir": str(ctx.run.root), "objective": ctx.spec.objective, "vocab": ctx.spec.V,
+                     "params": ctx.layout.size, "train_chars": len(ctx.data.train), "batch_size": ctx.N,
+                     "val_chars": 0 if ctx.data.val is None else len(ctx.data.val), "step": state.step,
+                     "max_steps": cfg.max_steps, "cached": ctx.data.reused})
+    t0 = time.perf_counter()
+    clock = {"start": t0, "interval": t0}
+    elapsed = lambda: state.elapsed_before + time.perf_counter() - t0  # noqa: E731
+    reason, start_chars = None, state.chars_seen
+    try:
+        while state.step < cfg.max_steps:
+            chars = ctx.N * cfg.seq_len
+            out = train_step(ctx, state)
+            if not out["finite"]:
+                _nonfinite(ctx, state, out)
+            _accumulate(state, out, chars)
+            if state.step == 1:
+                report("step0", {"loss": out["loss"], "ln_v": math.log(ctx.spec.V)})
+            report("step", out)
+            _after_step(ctx, state, out, clock, report)
+            reason = stop()
+            if reason:
+                break
+    except CheckpointError:
+        raise  # a write failed: the previous checkpoint is intact, do not try again
+    except BaseException:
+        _save(ctx, state, ctx.run.last, elapsed())  # the state is finite and consistent: keep the work
+        raise
+    _save(ctx, state, ctx.run.last, elapsed())
+    seconds = time.perf_counter() - t0
+    return RunSummary(ctx.run.root, ctx.spec.objective, state.step, state.chars_seen, elapsed(),
+                      (state.chars_seen - start_chars) / seconds if seconds > 0 else 0.0, state.best_val_loss,
+                      state.best_step, ctx.run.last, ctx.run.best if ctx.run.best.exists() else None, reason)
