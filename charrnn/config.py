@@ -106,9 +106,32 @@ def _field(key: str) -> dataclasses.Field:
     return {f.name: f for f in dataclasses.fields(cls)}[name]
 
 
+# names peers use for our keys (char-rnn, torch-rnn, nanoGPT), so a habit gets the right hint
+ALIASES = {"learning_rate": "lr", "rnn_size": "hidden_size", "hidden": "hidden_size", "n_embd": "hidden_size",
+           "layers": "num_layers", "n_layer": "num_layers", "num_layer": "num_layers", "batch": "batch_size",
+           "seq_length": "seq_len", "block_size": "seq_len", "bptt": "seq_len", "max_iters": "max_steps",
+           "steps": "max_steps", "grad_clip": "clip_norm", "clip": "clip_norm", "dropout_p": "dropout",
+           "val_frac": "val_fraction", "eval_interval": "eval_every", "log_interval": "log_every",
+           "decay": "weight_decay", "precision": "dtype", "random_seed": "seed"}
+
+
+def _suggest(key: str) -> str | None:
+    """The closest valid key: same section first, peers' names (ALIASES) included."""
+    section, _, name = key.rpartition(".")
+    keys = all_keys()
+    # a bare name ("lr") may be any section's key; a sectioned one is matched within its section
+    names = {k.rpartition(".")[2]: k for k in keys if not section or k.rpartition(".")[0] == section}
+    candidates = {**{alias: names[target] for alias, target in ALIASES.items() if target in names}, **names}
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    if close:
+        return candidates[close[0]]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)  # maybe the wrong section
+    return close[0] if close else None
+
+
 def _unknown(key: str, source: str) -> ConfigError:
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
-    hint = f" (did you mean {close[0]}?)" if close else f"; valid keys: {', '.join(all_keys())}"
+    close = _suggest(key)
+    hint = f" (did you mean {close}?)" if close else f"; valid keys: {', '.join(all_keys())}"
     return ConfigError(f"config error ({source}): unknown key {key}{hint}")
 
 
