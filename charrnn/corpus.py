@@ -73,20 +73,31 @@ def builtin_python_docs(cache_dir: str | None) -> Path:
     return path
 
 
-def catalog(corpora_dir: Path = CORPORA_DIR) -> dict:
-    path = corpora_dir / "catalog.json"
+def catalog(corpora_dir: Path | None = None) -> dict:
+    """name -> {url, size, sha256, file} from corpora/catalog.json ({} if there is none)."""
+    path = (corpora_dir or CORPORA_DIR) / "catalog.json"
     if not path.exists():
         return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict) or not all({"url", "size", "sha256", "file"} <= set(e) for e in doc.values()):
+            raise ValueError("each entry needs url, size, sha256 and file")
+    except (ValueError, TypeError, AttributeError) as e:
+        raise DataError(f"{path} is not a valid corpus catalog ({e}); restore it from git") from None
+    return doc
 
 
 def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def fetch_catalog_entry(name: str, corpora_dir: Path = CORPORA_DIR, timeout: float = 30.0) -> Path:
+def fetch_catalog_entry(name: str, corpora_dir: Path | None = None, timeout: float = 30.0) -> Path:
     """The verified local copy of a catalog corpus, downloading it first if needed."""
+    corpora_dir = corpora_dir or CORPORA_DIR
     entry = catalog(corpora_dir)[name]
     path = corpora_dir / entry["file"]
     by_hand = (f"put the file there by hand: {path} ({entry['size']:,} bytes, sha256 {entry['sha256']}, "
@@ -132,7 +143,7 @@ def file_sha256(path: Path) -> str:
         raise DataError(f"cannot read {path}: {e.strerror}") from None
 
 
-def iter_codepoints(path: Path, encoding: str = "utf-8", chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+def iter_codepoints(path: Path, encoding: str = "utf-8", chunk_bytes: int | None = None) -> Iterator[np.ndarray]:
     """Code points of the file, chunk by chunk: uint8 arrays for all-ASCII chunks, else uint32.
 
     Raises DataError for undecodable bytes (naming the byte offset and the encoding option) and
@@ -142,6 +153,7 @@ def iter_codepoints(path: Path, encoding: str = "utf-8", chunk_bytes: int = CHUN
         decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
     except LookupError:
         raise DataError(f"data.encoding = {encoding!r} is not a known text encoding (e.g. utf-8, latin-1, utf-16)") from None
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     ascii_fast = codecs.lookup(encoding).name in ("utf-8", "ascii", "iso8859-1", "cp1252")
     try:
         f = open(path, "rb")

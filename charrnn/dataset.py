@@ -99,12 +99,13 @@ def tokenize(path: Path, val_path: Path | None, data: DataConfig, out_dir: Path)
     file_chars = np.flatnonzero(counts)  # sorted code points present in the file
     lut = np.zeros(len(counts), dtype=np.int64)
     lut[file_chars] = np.arange(len(file_chars))
-    dtype = id_dtype(len(file_chars) + 1)  # + room for the unknown symbol
-    ids = np.lib.format.open_memmap(out_dir / "ids.npy", mode="w+", dtype=dtype, shape=(n,))
+    dtype = id_dtype(len(file_chars))
+    ids = np.lib.format.open_memmap(out_dir / "provisional.npy", mode="w+", dtype=dtype, shape=(n,))
     _write_ids(path, data.encoding, lut.astype(dtype), ids)
     if val_path is not None:
         split, train_counts = n, counts
-        other = np.flatnonzero(corpus.count_codepoints(val_path, data.encoding)[0])
+        val_counts, n_val = corpus.count_codepoints(val_path, data.encoding)
+        other = np.flatnonzero(val_counts)
     else:
         split = n - int(n * data.val_fraction)
         train_counts = np.zeros_like(counts)
@@ -112,16 +113,8 @@ def tokenize(path: Path, val_path: Path | None, data: DataConfig, out_dir: Path)
         other = file_chars[sum(np.bincount(ids[split:][s], minlength=len(file_chars)) for s in _chunks(n - split)) > 0] \
             if split < n else file_chars[:0]
     vocab = build_vocab(train_counts, data.min_count, other)
-    remap = vocab.lookup(file_chars)
-    remap[remap < 0] = vocab.unk_id
-    if not np.array_equal(remap, np.arange(len(file_chars))):
-        remap = remap.astype(dtype)
-        for s in _chunks(n):
-            ids[s] = remap[ids[s]]
-    ids.flush()
-    del ids
+    _finalize_ids(out_dir, ids, vocab, file_chars)
     if val_path is not None:
-        val_counts, n_val = corpus.count_codepoints(val_path, data.encoding)
         val_lut = vocab.lookup(np.arange(len(val_counts)))
         val_lut[val_lut < 0] = vocab.unk_id
         val = np.lib.format.open_memmap(out_dir / "val.npy", mode="w+", dtype=vocab.dtype, shape=(n_val,))
@@ -129,6 +122,22 @@ def tokenize(path: Path, val_path: Path | None, data: DataConfig, out_dir: Path)
         val.flush()
         del val
     return {**vocab.to_json(), "chars": n, "split": split, "source": str(path), "val_source": str(val_path) if val_path else None}
+
+
+def _finalize_ids(out_dir: Path, provisional: np.ndarray, vocab: Vocab, file_chars: np.ndarray) -> None:
+    """ids.npy in the vocabulary's own id type, remapped from the provisional file-charset ids."""
+    remap = vocab.lookup(file_chars)
+    remap[remap < 0] = vocab.unk_id
+    if provisional.dtype == vocab.dtype and np.array_equal(remap, np.arange(len(file_chars))):
+        provisional.flush()
+        os.replace(out_dir / "provisional.npy", out_dir / "ids.npy")
+        return
+    ids = np.lib.format.open_memmap(out_dir / "ids.npy", mode="w+", dtype=vocab.dtype, shape=provisional.shape)
+    remap = remap.astype(vocab.dtype)
+    for s in _chunks(len(ids)):
+        ids[s] = remap[provisional[s]]
+    ids.flush()
+    (out_dir / "provisional.npy").unlink()
 
 
 def _open(entry: Path, path: Path, sha: str, reused: bool) -> Dataset:
