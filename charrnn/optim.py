@@ -52,20 +52,30 @@ def init_state(kind: str, size: int, dtype) -> dict:
     return {slot: np.zeros(size, dtype=dtype) for slot in SLOTS[kind]}
 
 
+def global_norm(g: np.ndarray) -> float:
+    """L2 norm of a flat vector. One BLAS dot in g's own precision; only if that overflows (a
+    float32 gradient above ~1e19) is it redone in float64, so a huge but finite gradient is
+    clipped rather than mistaken for a non-finite one."""
+    sq = float(np.dot(g, g))
+    if not math.isfinite(sq):
+        g64 = g.astype(np.float64)
+        sq = float(np.dot(g64, g64))
+    return math.sqrt(sq)
+
+
 def clip(g: np.ndarray, clip_norm: float, clip_value: float) -> tuple[float, bool]:
     """Clip the flat gradient in place. Returns (global L2 norm before clipping, whether clipped).
 
     clip_value clamps each element to [-v, v] (min-char-rnn, char-rnn); clip_norm rescales the
     whole vector to norm <= c (global-norm clipping, Pascanu et al. 2013). 0 disables either.
-    The norm is accumulated in float64 so a float32 gradient cannot overflow it.
     """
-    norm = math.sqrt(float(np.dot(g.astype(np.float64, copy=False), g.astype(np.float64, copy=False))))
+    norm = global_norm(g)
     clipped = False
     if clip_value > 0 and math.isfinite(norm):
         clipped = bool(np.abs(g).max() > clip_value)
         np.clip(g, -clip_value, clip_value, out=g)
     if clip_norm > 0 and math.isfinite(norm):
-        now = math.sqrt(float(np.dot(g.astype(np.float64, copy=False), g.astype(np.float64, copy=False)))) if clipped else norm
+        now = global_norm(g) if clipped else norm
         if now > clip_norm:
             g *= g.dtype.type(clip_norm / now)
             clipped = True

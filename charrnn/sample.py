@@ -53,7 +53,7 @@ class _Net(NamedTuple):
 
     table0: object  # (V, H): W_xh^T + b_h of layer 0, gathered by row
     upper: list  # [(W_xh, b_h)] for layers 1..L-1
-    W_hh: list  # [(H, H)] per layer
+    W_hh_T: list  # [(H, H)] per layer, transposed and contiguous
     W_out: object  # (H, V) = W_ho^T / temperature
     b_out: object  # (V,) = b_o / temperature
 
@@ -63,7 +63,7 @@ def _prepare(params: dict, temperature: float) -> _Net:
     t = params["out.W_ho"].dtype.type(1.0 / temperature)
     return _Net(params["layers.0.fwd.W_xh"].T + params["layers.0.fwd.b_h"],
                 [(params[f"layers.{l}.fwd.W_xh"], params[f"layers.{l}.fwd.b_h"]) for l in range(1, spec.L)],
-                [params[f"layers.{l}.fwd.W_hh"] for l in range(spec.L)],
+                [np.ascontiguousarray(params[f"layers.{l}.fwd.W_hh"].T) for l in range(spec.L)],
                 np.ascontiguousarray(params["out.W_ho"].T) * t, params["out.b_o"] * t)
 
 
@@ -74,7 +74,7 @@ def _step(net: _Net, c, h: list, spare: list):
         if l > 0:
             W, b = net.upper[l - 1]
             inp = h[l - 1] @ W.T + b  # (n, H)
-        ops.rnn_step_forward(h[l], inp, net.W_hh[l], out=spare[l])
+        ops.rnn_step_forward(h[l], inp, net.W_hh_T[l], out=spare[l])
         h[l], spare[l] = spare[l], h[l]
     return h[-1] @ net.W_out + net.b_out  # (n, V)
 
