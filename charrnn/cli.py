@@ -111,10 +111,10 @@ def _default_run_dir(cfg) -> Path:
 
 # ---- sample -----------------------------------------------------------------------------------
 
-def _prime_ids_check(prime: str, vocab) -> None:
+def _prime_ids_check(prime: str, vocab, option: str = "--prime") -> None:
     unknown = vocab.unknown_chars(prime)
     if unknown and vocab.unk is None:
-        raise UsageError(f"--prime has characters the model does not know: {''.join(unknown)!r}; "
+        raise UsageError(f"{option} has characters the model does not know: {''.join(unknown)!r}; "
                          "remove them (this model has no unknown symbol)")
 
 
@@ -146,9 +146,9 @@ def sample(target, length, temperature, top_k, top_p, prime, seed, greedy, n, st
         seed = int(np.random.SeedSequence().entropy % 2**32)
         click.echo(f"seed {seed}", err=True)
     rng, knobs = np.random.default_rng(seed), Knobs(temperature, top_k or 0, top_p, greedy)
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer  # click.get_binary_stream is deprecated since Click 8.5 (removed in 9.0)
     if infill is not None:
-        _prime_ids_check(infill.replace(mask, ""), vocab)
+        _prime_ids_check(infill.replace(mask, ""), vocab, "--infill")
         text = fill(ck.params, vocab, infill, rng, mask, int(ck.meta["config"]["train"]["seq_len"]), knobs)
         out.write((text + "\n").encode("utf-8"))
         return
@@ -159,21 +159,21 @@ def sample(target, length, temperature, top_k, top_p, prime, seed, greedy, n, st
 def _write_samples(out, steps, n: int, prime: str, stop: str | None) -> None:
     """Stream a single sample as it is generated; print a batch of samples when done."""
     texts, done = [[] for _ in range(n)], [False] * n
-    if n == 1:
-        out.write(prime.encode("utf-8"))
-    for chars in steps:
+    pending = prime.encode("utf-8") if n == 1 else b""  # written with the first character, so a
+    for chars in steps:  # generator that refuses (e.g. a cloze model) leaves stdout empty
         for i, ch in enumerate(chars):
             if not done[i]:
                 texts[i].append(ch)
                 done[i] = bool(stop) and "".join(texts[i][-len(stop):]) == stop
         if n == 1:
-            out.write(chars[0].encode("utf-8"))
+            out.write(pending + chars[0].encode("utf-8"))
+            pending = b""
             if chars[0] == "\n":
                 out.flush()
         if all(done):
             break
     if n == 1:
-        out.write(b"\n")
+        out.write(pending + b"\n")
     else:
         out.write("\n---\n".join(prime + "".join(t) for t in texts).encode("utf-8") + b"\n")
     out.flush()

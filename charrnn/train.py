@@ -125,6 +125,8 @@ def _restore_state(ctx: Context, ck: checkpoint.Checkpoint) -> TrainState:
     for key in ("step", "updates", "pos", "chars_seen", "best_val_loss", "best_step", "skips", "last_finite_loss"):
         setattr(state, key, meta[key])
     state.elapsed_before, state.acc = meta["elapsed_s"], meta.get("acc", {})
+    # throughput counts this session only: the interval's clock restarts at resume
+    state.acc.pop("chars", None)
     return state
 
 
@@ -294,6 +296,7 @@ def _start(cfg: Config, run: runlog.RunDir, resume: bool, init_from: str | None,
         cfg, ctx = _context(cfg, data, run, report)
         state = _restore_state(ctx, ck)
         runlog.truncate_metrics(run, state.step)
+        runlog.write_text(run.config, config.dump_yaml(cfg))  # --set may have changed run-length keys
         return ctx, state
     init = None
     if init_from:
