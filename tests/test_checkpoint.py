@@ -1,0 +1,207 @@
+"""Checkpoint files: plain .npz that numpy reads without pickle, their entry names and metadata,
+atomic writes, careful loading, and how a run directory resolves to a checkpoint."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+import yaml
+
+from charrnn import checkpoint, model
+from charrnn.errors import CheckpointError
+from charrnn.optim import SLOTS
+
+TEXT = "the quick brown fox jumps over the lazy dog.\n" * 40
+META_KEYS = {"format_version", "objective", "vocab", "unk", "config", "step", "best_val_loss"}
+
+
+@pytest.fixture(scope="module")
+def next_char_run(shared_run):
+    return shared_run(TEXT, "train.max_steps=10", "train.eval_every=5")
+
+
+@pytest.fixture(scope="module")
+def cloze_run(shared_run, tiny):
+    return shared_run(TEXT, *tiny.CLOZE, "train.max_steps=10", "train.eval_every=5")
+
+
+def npz(path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.mark.parametrize("name", ["last.npz", "best.npz"])
+def test_loads_with_allow_pickle_false(next_char_run, name):
+    entries = npz(next_char_run / "checkpoints" / name)
+    meta = json.loads(str(entries["meta"][()]))
+    assert entries["meta"].shape == () and entries["meta"].dtype.kind == "U"
+    assert META_KEYS <= set(meta)
+    assert all(a.dtype != object for a in entries.values())
+
+
+def test_entry_names_of_a_next_char_checkpoint(next_char_run):
+    entries = npz(next_char_run / "checkpoints" / "last.npz")
+    meta = json.loads(str(entries["meta"][()]))
+    shapes = model.param_shapes(len(meta["vocab"]), 16, 1, False)
+    params = {k for k in entries if "/" not in k and k != "meta"}
+    assert params == set(shapes)
+    for name, shape in shapes.items():
+        assert entries[name].shape == shape and entries[name].dtype == np.float32
+        for slot in ("m", "v"):  # adam
+            assert entries[f"optim/{slot}/{name}"].shape == shape
+    assert {k for k in entries if k.startswith("optim/")} == {f"optim/{s}/{n}" for s in ("m", "v") for n in shapes}
+    assert {k for k in entries if k.startswith("state/")} == {"state/fwd/0"}  # the carried hidden state
+    assert entries["state/fwd/0"].shape == (8, 16)
+
+
+def test_meta_of_a_next_char_checkpoint(next_char_run):
+    entries = npz(next_char_run / "checkpoints" / "last.npz")
+    meta = json.loads(str(entries["meta"][()]))
+    assert meta["format_version"] == checkpoint.FORMAT_VERSION == 1
+    assert meta["objective"] == "next-char"
+    train_text = TEXT[: len(TEXT) - int(len(TEXT) * 0.1)]
+    assert meta["vocab"] == sorted(set(train_text)) and meta["unk"] is None
+    assert meta["step"] == 10
+    assert isinstance(meta["best_val_loss"], float) and meta["best_val_loss"] > 0
+    assert meta["config"] == yaml.safe_load((next_char_run / "config.yaml").read_text(encoding="utf-8"))
+    assert meta["config"]["train"]["max_steps"] == 10 and meta["config"]["model"]["hidden_size"] == 16
+
+
+def test_cloze_checkpoint(cloze_run):
+    entries = npz(cloze_run / "checkpoints" / "last.npz")
+    meta = json.loads(str(entries["meta"][()]))
+    assert meta["objective"] == "cloze"
+    assert set(model.param_shapes(len(meta["vocab"]), 16, 1, True)) == {k for k in entries if "/" not in k} - {"meta"}
+    assert "layers.0.bwd.W_hh" in entries
+    assert not any(k.startswith("state/") for k in entries)  # cloze windows start from zero states
+
+
+@pytest.mark.parametrize("optimizer", sorted(SLOTS))
+def test_optimizer_state_entries(shared_run, optimizer):
+    run = shared_run(TEXT, "train.max_steps=2", f"train.optimizer={optimizer}", "train.lr=0.01", "train.momentum=0.9")
+    entries = npz(run / "checkpoints" / "last.npz")
+    slots = {k.split("/")[1] for k in entries if k.startswith("optim/")}
+    assert slots == set(SLOTS[optimizer])
+    assert any(a.any() for k, a in entries.items() if k.startswith("optim/"))
+
+
+def test_meta_roundtrips_non_ascii_vocabulary(shared_run):
+    run = shared_run("春眠不觉晓，处处闻啼鸟。🌸🐦\n" * 60, "train.max_steps=2")
+    meta = json.loads(str(npz(run / "checkpoints" / "last.npz")["meta"][()]))
+    assert "🌸" in meta["vocab"] and "春" in meta["vocab"]
+
+
+# ---- writing --------------------------------------------------------------------------------------------
+
+def leftovers(directory):
+    return sorted(p.name for p in directory.rglob("*") if p.name.endswith(".tmp") or
+                  (p.name.startswith(".") and p.name != ".lock"))
+
+
+def test_no_temporary_files_left_in_a_run(next_char_run, cloze_run):
+    assert leftovers(next_char_run) == [] and leftovers(cloze_run) == []
+
+
+def test_save_and_load_roundtrip(tmp_path, next_char_run):
+    ck = checkpoint.load(next_char_run / "checkpoints" / "last.npz")
+    out = tmp_path / "sub" / "copy.npz"
+    checkpoint.save(out, ck.params, {k: v for k, v in ck.meta.items() if k != "format_version"}, ck.optim,
+                    ck.state)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["copy.npz"]
+    again = checkpoint.load(out)
+    assert again.meta == ck.meta
+    for name in ck.params:
+        assert np.array_equal(again.params[name], ck.params[name])
+    assert again.optim.keys() == ck.optim.keys() and again.state.keys() == ck.state.keys()
+    assert checkpoint.load(out, with_training_state=False).optim == {}
+
+
+def test_save_refuses_non_finite_parameters_and_leaves_the_old_file(tmp_path, next_char_run):
+    ck = checkpoint.load(next_char_run / "checkpoints" / "last.npz")
+    out = tmp_path / "dir" / "ck.npz"
+    out.parent.mkdir()
+    shutil.copy(next_char_run / "checkpoints" / "last.npz", out)
+    before = out.read_bytes()
+    params = dict(ck.params)
+    params["out.b_o"] = params["out.b_o"].copy()
+    params["out.b_o"][0] = np.nan
+    with pytest.raises(CheckpointError, match="out.b_o"):
+        checkpoint.save(out, params, ck.meta)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ck.npz"]
+
+
+# ---- careful loading ---------------------------------------------------------------------------------------
+
+def rewrite(src, dst, change):
+    """Copy checkpoint src to dst with its entries passed through change(dict) -> dict."""
+    entries = npz(src)
+    buf = io.BytesIO()
+    np.savez(buf, **change(entries))
+    dst.write_bytes(buf.getvalue())
+    return dst
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda e: {**e, "evil": np.array([{"a": 1}], dtype=object)}, "unexpected entry"),
+    (lambda e: {k: v for k, v in e.items() if k != "out.W_ho"}, "missing parameter out.W_ho"),
+    (lambda e: {k: v for k, v in e.items() if k != "meta"}, "no meta"),
+    (lambda e: {**e, "meta": np.array(json.dumps({**json.loads(str(e["meta"][()])), "format_version": 99}))},
+     "newer charrnn"),
+    (lambda e: {**e, "out.b_o": e["out.b_o"][:-1]}, "shape"),
+    (lambda e: {**e, "out.b_o": np.full_like(e["out.b_o"], np.inf)}, "NaN or Inf"),
+    (lambda e: {**e, "meta": np.array("{not json")}, "not valid JSON"),
+])
+def test_load_rejects_bad_files_with_a_checkpoint_error(tmp_path, next_char_run, change, message):
+    bad = rewrite(next_char_run / "checkpoints" / "last.npz", tmp_path / "bad.npz", change)
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load(bad)
+
+
+def test_truncated_file_is_a_checkpoint_error(tmp_path, next_char_run):
+    data = (next_char_run / "checkpoints" / "last.npz").read_bytes()
+    bad = tmp_path / "cut.npz"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.npz"):
+        checkpoint.load(bad)
+
+
+def test_declared_sizes_are_checked_before_reading(tmp_path, next_char_run):
+    """A zip entry claiming more bytes than its parameter's shape allows is refused unread."""
+    src = next_char_run / "checkpoints" / "last.npz"
+    bad = tmp_path / "big.npz"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == "out.b_o.npy":
+                data = data + b"\0" * (1 << 20)
+            zout.writestr(info.filename, data)
+    with pytest.raises(CheckpointError, match="more than its shape allows"):
+        checkpoint.load(bad)
+
+
+# ---- run directory -> checkpoint ------------------------------------------------------------------------------
+
+def test_run_directory_resolves_to_best_then_last(tmp_path, next_char_run, cli_invoke):
+    run = tmp_path / "run"
+    shutil.copytree(next_char_run, run)
+    assert checkpoint.resolve(run) == run / "checkpoints" / "best.npz"
+    by_dir = cli_invoke("eval", run, "--json")
+    by_best = cli_invoke("eval", run / "checkpoints" / "best.npz", "--json")
+    assert by_dir.exit_code == 0 and by_dir.stdout == by_best.stdout
+    (run / "checkpoints" / "best.npz").unlink()
+    assert checkpoint.resolve(run) == run / "checkpoints" / "last.npz"
+    assert checkpoint.load(run).meta["step"] == 10
+    (run / "checkpoints" / "last.npz").unlink()
+    with pytest.raises(CheckpointError, match="no checkpoints/best.npz or checkpoints/last.npz"):
+        checkpoint.resolve(run)
+
+
+def test_a_checkpoint_file_resolves_to_itself(next_char_run):
+    path = next_char_run / "checkpoints" / "last.npz"
+    assert checkpoint.resolve(path) == path
+    assert checkpoint.resolve(str(path)) == path
