@@ -90,7 +90,7 @@ def train(config_path, sets, run_dir, resume_dir, init_from, list_keys):
     if resume_dir:
         cfg, target = resume_config(resume_dir, sets), resume_dir
     else:
-        cfg = config.load(config_path, sets)
+        cfg = _absolute_paths(config.load(config_path, sets))
         target = run_dir or _default_run_dir(cfg)
     stopper = _Stopper()
     stopper.install()
@@ -101,6 +101,16 @@ def train(config_path, sets, run_dir, resume_dir, init_from, list_keys):
         click.echo(f"stopped by {summary.interrupted} at step {summary.steps}; last.npz saved. Continue with:\n"
                    f"  charrnn train --resume {summary.run_dir}", err=True)
         sys.exit(SIGNAL_EXIT[summary.interrupted])
+
+
+def _absolute_paths(cfg):
+    """Relative corpus paths made absolute, so eval and --resume work from any directory."""
+    values = {}
+    for key in ("data.path", "data.val_path", "data.cache_dir"):
+        value = config.get(cfg, key)
+        if value and not value.startswith("builtin:") and Path(value).expanduser().exists():
+            values[key] = str(Path(value).expanduser().resolve())
+    return config.replace(cfg, values)
 
 
 def _default_run_dir(cfg) -> Path:
@@ -142,6 +152,11 @@ def sample(target, length, temperature, top_k, top_p, prime, seed, greedy, n, st
         raise click.BadParameter("must be exactly one character", param_hint="--mask")
     ck = checkpoint.load(target, with_training_state=False)
     vocab = _vocab(ck)
+    if (ck.meta.get("objective") == "cloze") != (infill is not None):
+        raise UsageError("--infill needs a bidirectional (cloze) checkpoint; this one is a next-char model"
+                         if infill is not None else
+                         "this is a bidirectional (cloze) checkpoint: it fills gaps and cannot generate left to right; "
+                         "use --infill TEMPLATE (e.g. --infill 'to be or __ to be')")
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % 2**32)
         click.echo(f"seed {seed}", err=True)
@@ -196,6 +211,8 @@ def _vocab(ck):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_(target, corpus, split, as_json):
     """Score a checkpoint on text: loss (nats/char), bits/char, perplexity."""
+    if corpus is not None and click.get_current_context().get_parameter_source("split").name == "COMMANDLINE":
+        raise UsageError("give either --corpus FILE or --split, not both")
     ck = checkpoint.load(target, with_training_state=False)
     cfg = config.from_dict(ck.meta["config"], str(ck.path))
     vocab = _vocab(ck)

@@ -98,25 +98,36 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def update(theta: np.ndarray, g: np.ndarray, state: dict, t: int, lr: float, cfg: TrainConfig,
-           decay_mask: np.ndarray | None) -> None:
+           decay_mask: np.ndarray | None) -> bool:
     """One in-place update of theta from the (clipped) flat gradient g; t counts updates from 1.
 
+    Returns False, leaving theta untouched, when the new parameters would not be finite (a
+    learning rate so large that float32 overflows): a checkpoint must never hold Inf or NaN.
     Weight decay is decoupled (AdamW, Loshchilov & Hutter 2019): theta -= lr * wd * theta on
     weight matrices only, the same for every optimizer, so it does not depend on gradient scale.
     g is used as scratch space and is garbage afterwards.
     """
-    kind, dt = cfg.optimizer, theta.dtype.type
+    delta = _step(g, state, t, lr, cfg, theta.dtype.type)  # what to subtract from theta
     if cfg.weight_decay > 0:
-        theta -= dt(lr * cfg.weight_decay) * theta * decay_mask
+        delta += theta.dtype.type(lr * cfg.weight_decay) * theta * decay_mask
+    np.subtract(theta, delta, out=delta)  # the new parameters, not yet committed
+    if not np.isfinite(delta).all():
+        return False
+    np.copyto(theta, delta)
+    return True
+
+
+def _step(g: np.ndarray, state: dict, t: int, lr: float, cfg: TrainConfig, dt) -> np.ndarray:
+    """The update vector of the chosen rule (a new array or g's buffer), advancing its state."""
+    kind = cfg.optimizer
     if kind == "sgd":
-        step = g
         if cfg.momentum > 0:  # heavy ball: v = mu v + g
             v = state["velocity"]
             v *= dt(cfg.momentum)
             v += g
-            step = v
-        theta -= dt(lr) * step
-        return
+            g = v.copy()
+        g *= dt(lr)
+        return g
     if kind == "adagrad":  # Duchi et al. 2011: per-coordinate rate from the running sum of g^2
         s = state["sum_sq"]
         s += g * g
@@ -141,4 +152,4 @@ def update(theta: np.ndarray, g: np.ndarray, state: dict, t: int, lr: float, cfg
     denom += dt(cfg.eps)
     np.divide(g, denom, out=denom)
     denom *= dt(lr)
-    theta -= denom
+    return denom

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from charrnn.corpus import atomic_write_bytes
-from charrnn.errors import RunDirError
+from charrnn.errors import RunDirError, UsageError
 
 PERIODIC = re.compile(r"^step-(\d+)\.npz$")
 
@@ -53,11 +53,12 @@ def default_run_dir(name: str, base: str | Path = "runs") -> Path:
 def create(run: RunDir) -> None:
     """Make a new run directory; an existing non-empty one is never reused without --resume."""
     if run.root.exists() and (not run.root.is_dir() or any(run.root.iterdir())):
-        raise RunDirError(f"run directory {run.root} already exists; continue it with --resume {run.root} "
-                          "or choose another --run-dir")
+        raise UsageError(f"run directory {run.root} already exists; continue it with --resume {run.root} "
+                         "or choose another --run-dir")
     try:
         for d in (run.root, run.checkpoints, run.samples):
             d.mkdir(parents=True, exist_ok=True)
+        run.metrics.touch()
     except OSError as e:
         raise RunDirError(f"cannot create run directory {run.root}: {e.strerror}") from None
 

@@ -142,4 +142,7 @@ def infill(params: dict, vocab: Vocab, template: str, rng: np.random.Generator, 
         logits, _, _ = forward(params, ids[None, lo:hi])  # (hi-lo, V): row j predicts position lo+j
         row = logits[t - lo : t - lo + 1] / knobs.temperature
         ids[t] = pick(row, draws[k : k + 1], knobs, vocab.unk_id)[0]
-    return vocab.decode(ids)
+    out = list(template)  # every character but the gaps is kept as written, even unknown ones
+    for t in gaps:
+        out[t] = vocab.chars[ids[t]]
+    return "".join(out)

@@ -173,20 +173,27 @@ def train_step(ctx: Context, state: TrainState) -> dict:
         norm, clipped = optim.clip(g, cfg.clip_norm, cfg.clip_value)
     lr = optim.lr_at(state.step, cfg)
     finite = math.isfinite(result.loss) and math.isfinite(norm)
+    overflow = False
     if finite:
-        state.updates += 1
-        optim.update(state.theta, g, state.opt, state.updates, lr, cfg, ctx.decay_mask)
-        state.h = None if ctx.spec.bidirectional else result.h_last
-        state.last_finite_loss = result.loss
+        with np.errstate(all="ignore"):
+            applied = optim.update(state.theta, g, state.opt, state.updates + 1, lr, cfg, ctx.decay_mask)
+        if applied:
+            state.updates += 1
+            state.h = None if ctx.spec.bidirectional else result.h_last
+            state.last_finite_loss = result.loss
+        else:  # finite gradient, but the step would overflow the parameters: rejected the same way
+            finite, overflow = False, True
     state.step += 1
     state.chars_seen += x.size
-    return {"loss": result.loss, "grad_norm": norm, "clipped": clipped, "lr": lr, "finite": finite}
+    return {"loss": result.loss, "grad_norm": norm, "clipped": clipped, "lr": lr, "finite": finite, "overflow": overflow}
 
 
 def _nonfinite(ctx: Context, state: TrainState, out: dict) -> None:
     cfg = ctx.cfg.train
     last = f"{state.last_finite_loss:.4f}" if state.last_finite_loss is not None else "none yet"
-    what = f"non-finite {'loss' if not math.isfinite(out['loss']) else 'gradient'} at step {state.step}"
+    # state.step already counts this step; its loss was computed at step - 1 (the first is step 0)
+    kind = "parameters (the update overflowed)" if out["overflow"] else "loss" if not math.isfinite(out["loss"]) else "gradient"
+    what = f"non-finite {kind} at step {state.step - 1}"
     if cfg.on_nonfinite == "skip":
         state.skips += 1
         if state.skips <= cfg.max_skips:

@@ -443,7 +443,7 @@ def test_init_from_a_missing_file(cli_invoke, write_text, tmp_path, tiny):
 def test_non_finite_training_stops_with_advice_and_a_finite_checkpoint(cli_invoke, tmp_path, corpus, tiny,
                                                                        extra, message):
     run = tmp_path / "run"
-    r = cli_invoke("train", *tiny.args(corpus, "train.lr=1e30", "train.clip_norm=0", *extra), "--run-dir", run)
+    r = cli_invoke("train", *tiny.args(corpus, "train.lr=1e38", "train.clip_norm=0", *extra), "--run-dir", run)
     assert r.exit_code == 1, r.output
     assert "non-finite" in r.stderr and "train.lr" in r.stderr and message in r.stderr
     assert "Traceback" not in r.output
