@@ -186,3 +186,31 @@ def test_profile_table_lists_every_distance_and_layer(rng):
     assert [int(r[0]) for r in rows] == list(range(10))
     assert "fitted factor/step" in table and "layers.1.fwd" in table
     assert json.loads(json.dumps(diagnose.profile_dict(prof)))["layers"]["layers.0.fwd"]["factor_per_step"] > 0
+
+
+# ---- what the trainer logs ---------------------------------------------------------------------
+
+def test_eval_records_carry_gradient_health(tmp_path):
+    run = tiny_run(tmp_path, "clipped", "train.clip_norm=0.05")
+    records = runlog.read_metrics(run / "metrics.jsonl")
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    for prev, ev in zip([0, 3], evals):
+        steps = [r for r in records if prev < r["step"] <= ev["step"]]
+        assert ev["steps_since_eval"] == 3 and ev["clip_frac_since_eval"] == 1.0  # 0.05 clips every step
+        assert ev["grad_norm_mean_since_eval"] == pytest.approx(np.mean([r["grad_norm"] for r in steps]), rel=1e-12)
+        assert ev["grad_norm_max_since_eval"] == max(r["grad_norm"] for r in steps)
+    W = checkpoint.load(run).params["layers.0.fwd.W_hh"]
+    assert evals[-1]["w_hh_sigma"] == {"layers.0.fwd": pytest.approx(np.linalg.svd(W.astype(np.float64), compute_uv=False)[0])}
+    unclipped = tiny_run(tmp_path, "unclipped", "train.clip_norm=0")
+    assert all(r["clip_frac_since_eval"] == 0.0 for r in runlog.read_metrics(unclipped / "metrics.jsonl") if "val_loss" in r)
+
+
+def test_resume_continues_the_gradient_health_sums_exactly(tmp_path):
+    straight = runlog.read_metrics(tiny_run(tmp_path, "straight", "train.eval_every=4") / "metrics.jsonl")
+    calls = iter(range(100))
+    tiny_run(tmp_path, "resumed", "train.eval_every=4", stop=lambda: "SIGINT" if next(calls) == 4 else None)
+    resumed = runlog.read_metrics(tiny_run(tmp_path, "resumed", resume=True) / "metrics.jsonl")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]  # noqa: E731
+    assert resumed[-1]["steps_since_eval"] == 2  # step 5 from before the stop, step 6 after it
+    assert strip(resumed) == strip(straight)
