@@ -40,7 +40,7 @@ class Group(click.Group):
 @click.group(cls=Group, context_settings=CONTEXT)
 @click.version_option(__version__, "--version", prog_name="charrnn")
 def cli():
-    """Character-level RNN language models on numpy: train, sample, eval."""
+    """Character-level RNN language models on numpy: train, sample, eval; runs."""
 
 
 # ---- train ------------------------------------------------------------------------------------
@@ -217,6 +217,24 @@ def eval_(target, corpus, split, as_json):
         return
     click.echo(f"objective   {res.objective}\nloss        {res.loss:.4f} nats/char\nbpc         {res.bpc:.4f}\n"
                f"perplexity  {res.perplexity:.3f}\nchars       {res.chars:,}\nunk_rate    {res.unk_rate:.4%}")
+
+
+# ---- runs ----------------------------------------------------------------------------------------
+
+@cli.command(name="runs", context_settings=CONTEXT)
+@click.argument("directory", required=False, default=Path("runs"), type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per run.")
+def runs_(directory, as_json):
+    """Table of the runs under DIRECTORY (default: runs/), best validation bits/char first."""
+    from charrnn.runs import format_table, list_runs
+
+    infos = list_runs(directory)
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in infos]))
+    elif infos:
+        click.echo(format_table(infos))
+    else:
+        click.echo(f"no runs under {directory}", err=True)
 
 
 def main():

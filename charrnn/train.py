@@ -299,6 +299,7 @@ def _start(cfg: Config, run: runlog.RunDir, resume: bool, init_from: str | None,
     data = dataset.load(cfg.data)
     if resume:
         runlog.lock(run)
+        runlog.clear_failed(run)
         ck = checkpoint.load(run.last)
         if ck.meta.get("corpus_sha256") != data.sha256 or _vocab_of(ck.meta) != data.vocab.to_json():
             raise DataError(f"the corpus {data.source} changed since run {run.root} started; resume needs the same "
@@ -346,7 +347,11 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
     run = runlog.RunDir(run_dir)
     try:
         ctx, state = _start(cfg, run, resume, init_from, report)
-        return _loop(ctx, state, report, stop)
+        try:
+            return _loop(ctx, state, report, stop)
+        except Exception as e:  # KeyboardInterrupt and SystemExit are interruptions, not failures
+            runlog.mark_failed(run, e)
+            raise
     finally:
         runlog.unlock(run)
 
