@@ -214,3 +214,26 @@ def test_resume_continues_the_gradient_health_sums_exactly(tmp_path):
     strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]  # noqa: E731
     assert resumed[-1]["steps_since_eval"] == 2  # step 5 from before the stop, step 6 after it
     assert strip(resumed) == strip(straight)
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+def test_diagnose_command_prints_the_table_and_json(tmp_path):
+    run = tiny_run(tmp_path, "vanilla")
+    res = CliRunner().invoke(cli, ["diagnose", str(run), "-k", "3", "-T", "8"])
+    assert res.exit_code == 0, res.output
+    assert "mean |dL/dh|" in res.output and "sigma_max(W_hh)" in res.output and "layers.0.fwd" in res.output
+    res = CliRunner().invoke(cli, ["diagnose", str(run / "checkpoints" / "last.npz"), "-k", "3", "-T", "8", "--json"])
+    doc = json.loads(res.output)
+    assert doc["windows"] == 3 and len(doc["layers"]["layers.0.fwd"]["mean_grad_norm"]) == 9
+
+
+def test_diagnose_shows_both_directions_of_a_cloze_model(tmp_path):
+    run = tiny_run(tmp_path, "cloze", "model.bidirectional=true")
+    corpus = tmp_path / "other.txt"
+    corpus.write_text(TEXT[:300], encoding="utf-8")
+    res = CliRunner().invoke(cli, ["diagnose", str(run), "--corpus", str(corpus), "-k", "2"])
+    assert res.exit_code == 0, res.output
+    assert "layers.0.fwd" in res.output and "layers.0.bwd" in res.output and "(cloze)" in res.output
+    res = CliRunner().invoke(cli, ["diagnose", str(run), "--corpus", str(tmp_path / "missing.txt")])
+    assert res.exit_code == 1 and "no such file" in res.output
