@@ -99,14 +99,14 @@ def plot_runs(run_dirs: list, out: str | Path, x: str = "step") -> tuple[Path, l
     any_sigma = False
     for i, (name, run, records) in enumerate(runs):
         color = f"C{i % 10}"
+        # one legend entry per run: the panel title says which line style is which split
         _series(loss, records, x, scale, "train_loss", lambda v: v / math.log(2), color=color, lw=1.2, alpha=0.8,
-                label=f"{name} train")
-        _series(loss, records, x, scale, "val_bpc", color=color, lw=1.8, ls="--", marker="o", ms=4,
-                label=f"{name} validation")
+                label=name)
+        _series(loss, records, x, scale, "val_bpc", color=color, lw=1.8, ls="--", marker="o", ms=4)
         _series(gnorm, records, x, scale, "grad_norm", color=color, lw=1.0, alpha=0.9, label=name)
         clip = _clip_norm(run)
         if clip:
-            gnorm.axhline(clip, color=color, ls=":", lw=1.2, label=f"{name} clip_norm={clip:g}")
+            gnorm.axhline(clip, color=color, ls=":", lw=1.2)
         _series(lr, records, x, scale, "lr", color=color, lw=1.5, label=name)
         any_sigma |= _sigma_panel(sigma, records, x, scale, color, name)
     _style(loss, gnorm, lr, sigma, xlabel, any_sigma)
@@ -127,7 +127,8 @@ def _style(loss, gnorm, lr, sigma, xlabel: str, any_sigma: bool) -> None:
     from matplotlib.ticker import EngFormatter
 
     loss.set(title="loss (solid: training, dashed: validation)", ylabel="bits per character")
-    gnorm.set(title="global gradient norm before clipping", ylabel="L2 norm (log scale)", yscale="log")
+    gnorm.set(title="global gradient norm before clipping (dotted: clip_norm)", ylabel="L2 norm (log scale)",
+              yscale="log")
     lr.set(title="learning rate", ylabel="learning rate")
     lo, hi = lr.get_ylim()
     if lo > 0 and hi / lo > 10:
@@ -135,9 +136,12 @@ def _style(loss, gnorm, lr, sigma, xlabel: str, any_sigma: bool) -> None:
     else:
         lr.set_ylim(0, hi * 1.1)  # a constant or gently decaying rate, seen against zero
         lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    sigma.set(title="largest singular value of W_hh (1 = neither shrinks nor grows)", ylabel="sigma_max(W_hh)")
+    sigma.set(title="largest singular value of W_hh (grey: 1)", ylabel="sigma_max(W_hh)")
     if any_sigma:
         sigma.axhline(1.0, color="0.5", lw=0.8)
+        lo, hi = sigma.get_ylim()
+        if hi > 10:  # saturated runs reach sigma of 50 and more; keep 1 and 3 apart
+            sigma.set_yscale("log")
     else:
         sigma.text(0.5, 0.5, "no evaluations with W_hh spectra yet", ha="center", va="center", transform=sigma.transAxes)
     for ax in (loss, gnorm, lr, sigma):
