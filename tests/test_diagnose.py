@@ -19,17 +19,6 @@ TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen
 TIMING = ("chars_per_sec", "elapsed_s")
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    """Keep the corpus cache inside the test's directory."""
-    monkeypatch.setenv("CHARRNN_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)
-
-
 def tiny_run(tmp_path, name, *sets, stop=lambda: None, resume=False):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT, encoding="utf-8")

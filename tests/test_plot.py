@@ -15,12 +15,6 @@ TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    """Keep the corpus cache inside the test's directory."""
-    monkeypatch.setenv("CHARRNN_CACHE_DIR", str(tmp_path / "cache"))
-
-
 @pytest.fixture
 def two_runs(tmp_path):
     corpus = tmp_path / "corpus.txt"

@@ -13,12 +13,6 @@ from charrnn.train import resume_config, train
 TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs!\n" * 30
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    """Keep the corpus cache inside the test's directory."""
-    monkeypatch.setenv("CHARRNN_CACHE_DIR", str(tmp_path / "cache"))
-
-
 def tiny_run(base, name, *sets, stop=lambda: None):
     corpus = base.parent / "corpus.txt"
     corpus.write_text(TEXT, encoding="utf-8")
