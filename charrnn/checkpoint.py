@@ -121,6 +121,18 @@ def _read_meta(path: Path, zf: zipfile.ZipFile) -> dict:
     return meta
 
 
+def read_meta(target: str | Path) -> dict:
+    """Only the metadata of a checkpoint (or of a run directory's best/last): no arrays are read."""
+    path = resolve(target)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return _read_meta(path, zf)
+    except CheckpointError:
+        raise
+    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError):
+        raise _fail(path, "not a valid .npz file (corrupted, truncated or unreadable)") from None
+
+
 def expected_shapes(meta: dict) -> dict:
     """Parameter shapes that the metadata (vocab and model config) implies."""
     try:

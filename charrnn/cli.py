@@ -40,7 +40,7 @@ class Group(click.Group):
 @click.group(cls=Group, context_settings=CONTEXT)
 @click.version_option(__version__, "--version", prog_name="charrnn")
 def cli():
-    """Character-level RNN language models on numpy: train, sample, eval."""
+    """Character-level RNN language models on numpy: train, sample, eval; diagnose, plot, runs."""
 
 
 # ---- train ------------------------------------------------------------------------------------
@@ -234,6 +234,87 @@ def eval_(target, corpus, split, as_json):
         return
     click.echo(f"objective   {res.objective}\nloss        {res.loss:.4f} nats/char\nbpc         {res.bpc:.4f}\n"
                f"perplexity  {res.perplexity:.3f}\nchars       {res.chars:,}\nunk_rate    {res.unk_rate:.4%}")
+
+
+# ---- diagnose, plot, runs ----------------------------------------------------------------------
+
+def _text_ids(ck, cfg, corpus: Path | None) -> tuple[np.ndarray, str]:
+    """Ids of --corpus, else of the run's validation text (its training text if it has none)."""
+    vocab = _vocab(ck)
+    if corpus is not None:
+        if not corpus.exists():
+            raise DataError(f"--corpus {corpus}: no such file")
+        return evaluate.encode_file(corpus, vocab, cfg.data.encoding)[0], str(corpus)
+    data = dataset.load(cfg.data)
+    if data.vocab != vocab:
+        raise DataError(f"the run's corpus {data.source} changed since the checkpoint was written; use --corpus FILE")
+    if data.val is None:
+        return data.train, f"{data.source} (training text: the run has no validation text)"
+    return data.val, f"{data.source} (validation text)"
+
+
+@cli.command(name="diagnose", context_settings=CONTEXT)
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Take the windows from this text file instead of the run's validation text.")
+@click.option("-k", "--windows", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Windows (evenly spaced over the text) to average the gradient norms over.")
+@click.option("-T", "--length", type=click.IntRange(min=2), default=None,
+              help="Characters per window, i.e. the farthest distance measured (default: the run's train.seq_len).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw the profile into this PNG file (needs matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+def diagnose_(target, corpus, windows, length, plot_path, as_json):
+    """Vanishing or exploding gradients: ||dL/dh_t|| against distance from the loss, per layer."""
+    from charrnn import diagnose
+
+    ck = checkpoint.load(target, with_training_state=False)
+    cfg = config.from_dict(ck.meta["config"], str(ck.path))
+    ids, source = _text_ids(ck, cfg, corpus)
+    prof = diagnose.profile(ck.params, ids, windows, length or cfg.train.seq_len)
+    if plot_path is not None:
+        from charrnn.plot import plot_profile
+
+        plot_profile(prof, plot_path, f"gradient flow: {ck.path} (step {ck.meta.get('step')})")
+        click.echo(f"wrote {plot_path}", err=True)
+    if as_json:
+        click.echo(json.dumps({"checkpoint": str(ck.path), "step": ck.meta.get("step"), "text": source,
+                               **diagnose.profile_dict(prof)}))
+        return
+    click.echo(f"checkpoint {ck.path} (step {ck.meta.get('step')}); windows from {source}")
+    click.echo(diagnose.format_profile(prof))
+
+
+@cli.command(name="plot", context_settings=CONTEXT)
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("plot.png"),
+              show_default=True, help="PNG file to write.")
+@click.option("--x", "x_axis", type=click.Choice(["step", "chars", "time"]), default="step", show_default=True,
+              help="Horizontal axis: optimizer steps, characters seen or training time.")
+def plot_(run_dirs, output, x_axis):
+    """Loss (bits/char), gradient norm, learning rate and sigma_max(W_hh) of runs, overlaid (needs matplotlib)."""
+    from charrnn.plot import plot_runs
+
+    path, skipped = plot_runs(list(run_dirs), output, x_axis)
+    for name in skipped:
+        click.echo(f"warning: {name} has no metrics yet; left out of the plot", err=True)
+    click.echo(str(path))
+
+
+@cli.command(name="runs", context_settings=CONTEXT)
+@click.argument("directory", required=False, default=Path("runs"), type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per run.")
+def runs_(directory, as_json):
+    """Table of the runs under DIRECTORY (default: runs/), best validation bits/char first."""
+    from charrnn.runs import format_table, list_runs
+
+    infos = list_runs(directory)
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in infos]))
+    elif infos:
+        click.echo(format_table(infos))
+    else:
+        click.echo(f"no runs under {directory}", err=True)
 
 
 def main():

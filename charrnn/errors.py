@@ -37,3 +37,7 @@ class RunDirError(CharRNNError):
 
 class TrainingError(CharRNNError):
     """Training cannot go on (non-finite loss, too many skipped batches)."""
+
+
+class MissingDependencyError(CharRNNError):
+    """An optional extra is needed for this command (e.g. matplotlib for plots)."""

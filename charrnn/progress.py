@@ -88,3 +88,4 @@ class Reporter:
         else:
             self.echo(f"infill:   charrnn sample {s.run_dir} --infill 'Th_ qu_ck br__n f_x'")
         self.echo(f"evaluate: charrnn eval {s.run_dir}")
+        self.echo(f"inspect:  charrnn plot {s.run_dir} -o {s.run_dir}/plot.png; charrnn diagnose {s.run_dir}")

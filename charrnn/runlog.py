@@ -6,6 +6,7 @@
         checkpoints/         last.npz, best.npz, step-<n>.npz (the newest train.keep_last)
         samples/             step-<n>.txt, text sampled at each evaluation
         .lock                held (flock) by the process training in this directory
+        failed.txt           the error that stopped training, if one did (removed on --resume)
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class RunDir:
         self.samples = self.root / "samples"
         self.last = self.checkpoints / "last.npz"
         self.best = self.checkpoints / "best.npz"
+        self.failed = self.root / "failed.txt"
         self._lock_fd: int | None = None
 
     def periodic(self, step: int) -> Path:
@@ -86,6 +88,20 @@ def unlock(run: RunDir) -> None:
     if run._lock_fd is not None:
         os.close(run._lock_fd)
         run._lock_fd = None
+
+
+def mark_failed(run: RunDir, error: BaseException) -> None:
+    """Record why training stopped with an error (for `charrnn runs`), in a run this process holds."""
+    if run._lock_fd is None:
+        return  # not our run (e.g. it was locked by another process): leave it alone
+    try:
+        write_text(run.failed, f"{type(error).__name__}: {error}\n")
+    except OSError:
+        pass  # never hide the error being reported behind a second one
+
+
+def clear_failed(run: RunDir) -> None:
+    run.failed.unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from charrnn import __version__, batches, checkpoint, config, dataset, evaluate, model, optim, runlog
+from charrnn import __version__, batches, checkpoint, config, dataset, diagnose, evaluate, model, optim, runlog
 from charrnn.config import Config
 from charrnn.errors import CheckpointError, ConfigError, DataError, TrainingError
 from charrnn.sample import Knobs, sample_text
@@ -48,6 +48,7 @@ class TrainState:
     last_finite_loss: float | None = None
     elapsed_before: float = 0.0  # seconds spent in earlier sessions of this run
     acc: dict = field(default_factory=dict)  # sums over the current logging interval
+    eval_acc: dict = field(default_factory=dict)  # gradient-norm sums since the last evaluation
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ def _restore_state(ctx: Context, ck: checkpoint.Checkpoint) -> TrainState:
     state.elapsed_before, state.acc = meta["elapsed_s"], meta.get("acc", {})
     # throughput counts this session only: the interval's clock restarts at resume
     state.acc.pop("chars", None)
+    state.eval_acc = meta.get("eval_acc", {})
     return state
 
 
@@ -135,7 +137,7 @@ def _meta(ctx: Context, state: TrainState, elapsed: float) -> dict:
             "step": state.step, "best_val_loss": state.best_val_loss, "best_step": state.best_step,
             "updates": state.updates, "pos": state.pos, "chars_seen": state.chars_seen, "skips": state.skips,
             "last_finite_loss": state.last_finite_loss, "rng": state.rng.bit_generator.state,
-            "elapsed_s": elapsed, "acc": state.acc, "corpus_sha256": ctx.data.sha256,
+            "elapsed_s": elapsed, "acc": state.acc, "eval_acc": state.eval_acc, "corpus_sha256": ctx.data.sha256,
             "charrnn_version": __version__, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -215,6 +217,13 @@ def _accumulate(state: TrainState, out: dict, chars: int) -> None:
         a["loss_sum"] = a.get("loss_sum", 0.0) + out["loss"]
         a["finite"] = a.get("finite", 0) + 1
         a["norm_max"] = max(a.get("norm_max", 0.0), out["grad_norm"])
+    e = state.eval_acc  # the same, over the steps since the last evaluation (diagnose.grad_health)
+    e["steps"] = e.get("steps", 0) + 1
+    e["clipped"] = e.get("clipped", 0) + int(out["clipped"])
+    if out["finite"]:
+        e["finite"] = e.get("finite", 0) + 1
+        e["norm_sum"] = e.get("norm_sum", 0.0) + out["grad_norm"]
+        e["norm_max"] = max(e.get("norm_max", 0.0), out["grad_norm"])
 
 
 def _log_record(ctx: Context, state: TrainState, out: dict, seconds: float, elapsed: float) -> dict:
@@ -240,7 +249,8 @@ def _evaluate(ctx: Context, state: TrainState, elapsed: float, report: Report) -
     if ctx.cfg.train.eval_chars:
         val = val[: ctx.cfg.train.eval_chars + 1]
     res = evaluate.evaluate_ids(state.params, val, ctx.cfg.train.seq_len)
-    record = {"val_loss": res.loss, "val_bpc": res.bpc}
+    record = {"val_loss": res.loss, "val_bpc": res.bpc, **diagnose.grad_health(state.params, state.eval_acc)}
+    state.eval_acc = {}
     if state.best_val_loss is None or res.loss < state.best_val_loss:
         state.best_val_loss, state.best_step = res.loss, state.step
         _save(ctx, state, ctx.run.best, elapsed)
@@ -296,6 +306,7 @@ def _start(cfg: Config, run: runlog.RunDir, resume: bool, init_from: str | None,
     data = dataset.load(cfg.data)
     if resume:
         runlog.lock(run)
+        runlog.clear_failed(run)
         ck = checkpoint.load(run.last)
         if ck.meta.get("corpus_sha256") != data.sha256 or _vocab_of(ck.meta) != data.vocab.to_json():
             raise DataError(f"the corpus {data.source} changed since run {run.root} started; resume needs the same "
@@ -343,7 +354,11 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
     run = runlog.RunDir(run_dir)
     try:
         ctx, state = _start(cfg, run, resume, init_from, report)
-        return _loop(ctx, state, report, stop)
+        try:
+            return _loop(ctx, state, report, stop)
+        except Exception as e:  # KeyboardInterrupt and SystemExit are interruptions, not failures
+            runlog.mark_failed(run, e)
+            raise
     finally:
         runlog.unlock(run)
 

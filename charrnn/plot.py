@@ -1,0 +1,178 @@
+"""Figures: training curves of one or several runs, and the diagnose gradient-flow profile.
+
+matplotlib is an optional extra (pip install 'charrnn[plot]'); it is imported only when a figure
+is drawn, and its absence is a MissingDependencyError with that command in the message.
+Figures are drawn on a matplotlib.figure.Figure with the Agg canvas, never through pyplot, so no
+GUI backend or global figure state is involved.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import yaml
+
+from charrnn import runlog
+from charrnn.errors import MissingDependencyError, RunDirError
+
+X_AXES = ("step", "chars", "time")
+INSTALL_HINT = "matplotlib is not installed: pip install 'charrnn[plot]' (or pip install matplotlib)"
+
+
+def _figure(**kwargs):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MissingDependencyError(INSTALL_HINT) from None
+    return Figure(**kwargs)
+
+
+def _save(fig, out: Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(out, dpi=110, bbox_inches="tight")
+    except OSError as e:
+        raise RunDirError(f"cannot write {out}: {e.strerror}") from None
+    return out
+
+
+# ---- training curves ---------------------------------------------------------------------------
+
+def _clip_norm(run: runlog.RunDir) -> float | None:
+    try:
+        doc = yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
+        value = float((doc.get("train") or {}).get("clip_norm") or 0.0)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, ValueError, AttributeError):
+        return None
+    return value or None
+
+
+def _names(dirs: list[Path]) -> list[str]:
+    """Directory names, or the full paths where two runs share a name."""
+    names = [d.name for d in dirs]
+    return [str(d) if names.count(d.name) > 1 else d.name for d in dirs]
+
+
+def _xs(records: list[dict], x: str, scale: float) -> list:
+    key = {"step": "step", "chars": "chars_seen", "time": "elapsed_s"}[x]
+    return [r.get(key, math.nan) / scale for r in records]
+
+
+def _series(ax, records, x, scale, key, transform=lambda v: v, **style):
+    """Plot records[key] against x, skipping records without a value."""
+    rows = [r for r in records if r.get(key) is not None]
+    if rows:
+        ax.plot(_xs(rows, x, scale), [transform(r[key]) for r in rows], **style)
+    return rows
+
+
+def _sigma_panel(ax, records, x, scale, color, name):
+    rows = [r for r in records if isinstance(r.get("w_hh_sigma"), dict)]
+    layers = sorted({k for r in rows for k in r["w_hh_sigma"]})
+    for i, layer in enumerate(layers):
+        pts = [r for r in rows if layer in r["w_hh_sigma"]]
+        ax.plot(_xs(pts, x, scale), [r["w_hh_sigma"][layer] for r in pts], color=color, marker="o", ms=3,
+                ls=("-", "--", ":", "-.")[i % 4], label=f"{name} {layer}" if len(layers) > 1 else name)
+    return bool(rows)
+
+
+def plot_runs(run_dirs: list, out: str | Path, x: str = "step") -> tuple[Path, list[str]]:
+    """Loss (bits/char), gradient norm, learning rate and sigma_max(W_hh) of runs, overlaid.
+
+    Returns the written path and the names of runs left out because they have no metrics yet.
+    """
+    if x not in X_AXES:
+        raise ValueError(f"x must be one of {X_AXES}, got {x!r}")
+    dirs = [Path(d) for d in run_dirs]
+    for d in dirs:
+        if not d.is_dir():
+            raise RunDirError(f"{d}: no such run directory")
+    runs = [(name, runlog.RunDir(d), runlog.read_metrics(runlog.RunDir(d).metrics)) for name, d in zip(_names(dirs), dirs)]
+    skipped = [name for name, _, records in runs if not records]
+    runs = [r for r in runs if r[2]]
+    if not runs:
+        raise RunDirError(f"nothing to plot: no metrics.jsonl records in {', '.join(map(str, dirs))}")
+    fig = _figure(figsize=(13, 8.5), layout="constrained")
+    (loss, gnorm), (lr, sigma) = fig.subplots(2, 2, sharex=True)
+    scale, xlabel = _x_axis(x, runs)
+    any_sigma = False
+    for i, (name, run, records) in enumerate(runs):
+        color = f"C{i % 10}"
+        # one legend entry per run: the panel title says which line style is which split
+        _series(loss, records, x, scale, "train_loss", lambda v: v / math.log(2), color=color, lw=1.2, alpha=0.8,
+                label=name)
+        _series(loss, records, x, scale, "val_bpc", color=color, lw=1.8, ls="--", marker="o", ms=4)
+        _series(gnorm, records, x, scale, "grad_norm", color=color, lw=1.0, alpha=0.9, label=name)
+        clip = _clip_norm(run)
+        if clip:
+            gnorm.axhline(clip, color=color, ls=":", lw=1.2)
+        _series(lr, records, x, scale, "lr", color=color, lw=1.5, label=name)
+        any_sigma |= _sigma_panel(sigma, records, x, scale, color, name)
+    _style(loss, gnorm, lr, sigma, xlabel, any_sigma)
+    fig.suptitle("charrnn: " + " vs ".join(name for name, _, _ in runs), fontsize=12)
+    return _save(fig, out), skipped
+
+
+def _x_axis(x: str, runs) -> tuple[float, str]:
+    if x == "step":
+        return 1.0, "optimizer step"
+    if x == "chars":
+        return 1.0, "characters seen"
+    longest = max((r.get("elapsed_s") or 0.0) for _, _, records in runs for r in records)
+    return (60.0, "training time (minutes)") if longest > 300 else (1.0, "training time (seconds)")
+
+
+def _style(loss, gnorm, lr, sigma, xlabel: str, any_sigma: bool) -> None:
+    from matplotlib.ticker import EngFormatter
+
+    loss.set(title="loss (solid: training, dashed: validation)", ylabel="bits per character")
+    gnorm.set(title="global gradient norm before clipping (dotted: clip_norm)", ylabel="L2 norm (log scale)",
+              yscale="log")
+    lr.set(title="learning rate", ylabel="learning rate")
+    lo, hi = lr.get_ylim()
+    if lo > 0 and hi / lo > 10:
+        lr.set_yscale("log")  # a schedule spanning decades
+    else:
+        lr.set_ylim(0, hi * 1.1)  # a constant or gently decaying rate, seen against zero
+        lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    sigma.set(title="largest singular value of W_hh (grey: 1)", ylabel="sigma_max(W_hh)")
+    if any_sigma:
+        sigma.axhline(1.0, color="0.5", lw=0.8)
+        lo, hi = sigma.get_ylim()
+        if hi > 10:  # saturated runs reach sigma of 50 and more; keep 1 and 3 apart
+            sigma.set_yscale("log")
+    else:
+        sigma.text(0.5, 0.5, "no evaluations with W_hh spectra yet", ha="center", va="center", transform=sigma.transAxes)
+    for ax in (loss, gnorm, lr, sigma):
+        ax.grid(True, which="major", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+    for ax in (lr, sigma):
+        ax.set_xlabel(xlabel)
+        if xlabel == "characters seen":
+            ax.xaxis.set_major_formatter(EngFormatter())
+
+
+# ---- the gradient-flow profile ----------------------------------------------------------------
+
+def plot_profile(prof, out: str | Path, title: str = "") -> Path:
+    """Mean ||dL/dh|| against distance on a log scale, one line per layer, with the fitted rate."""
+    import numpy as np
+
+    from charrnn.diagnose import fit_line
+
+    fig = _figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    for i, (name, f) in enumerate(prof.layers.items()):
+        k = np.arange(len(f.norms))
+        ax.plot(k, f.norms, color=f"C{i}", marker="o", ms=3, label=f"{name}: sigma_max(W_hh) = {f.sigma:.3f}")
+        slope, intercept = fit_line(f.norms)
+        if math.isfinite(slope):
+            ax.plot(k, np.exp(intercept + slope * k), color=f"C{i}", ls="--", lw=1,
+                    label=f"{name} fit: x{math.exp(slope):.3f} per step")
+    ax.set(yscale="log", xlabel="distance back from the loss position (steps)", ylabel="mean ||dL/dh_t|| (log scale)",
+           title=title or f"gradient flow over {prof.windows} windows of {prof.length} characters")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
