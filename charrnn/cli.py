@@ -317,6 +317,39 @@ def runs_(directory, as_json):
         click.echo(f"no runs under {directory}", err=True)
 
 
+# ---- bench ------------------------------------------------------------------------------------
+
+@cli.command(context_settings=CONTEXT)
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="YAML config file.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one config key (repeatable).")
+@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Training steps timed after warm-up.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed steps first.")
+@click.option("--vocab", "vocab_size", type=click.IntRange(min=2, max=1_000_000), default=None,
+              help="Synthetic random ids with this vocabulary size instead of the config's corpus.")
+@click.option("--sample-chars", type=click.IntRange(min=10), default=3000, show_default=True, help="Characters sampled for the sampling rate.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench(config_path, sets, steps, warmup, vocab_size, sample_chars, as_json):
+    """Measure training and sampling speed, peak memory and the share of the GEMM rate reached."""
+    from charrnn import bench as benchmark
+
+    r = benchmark.run(config.load(config_path, sets), steps, warmup, vocab_size, sample_chars)
+    if as_json:
+        click.echo(json.dumps(r))
+        return
+    c = r["config"]
+    kind = "bidirectional" if c["bidirectional"] else "vanilla" if c["num_layers"] == 1 else "stacked"
+    click.echo(f"model        {kind} {c['num_layers']} x {c['hidden_size']}, V = {c['vocab']}, N x T = "
+               f"{c['batch_size']} x {c['seq_len']}, {c['optimizer']}, {c['dtype']}")
+    click.echo(f"train        {r['train_chars_per_sec']:,.0f} chars/s (median of {r['steps_timed']} steps; "
+               f"range {r['train_chars_per_sec_min']:,.0f}-{r['train_chars_per_sec_max']:,.0f}), {r['step_ms']:.1f} ms/step")
+    if r["sample_chars_per_sec"] is not None:
+        many = next(k for k in r if k.startswith("sample_") and k.endswith("_streams_chars_per_sec"))
+        click.echo(f"sample       {r['sample_chars_per_sec']:,.0f} chars/s one stream, {r[many]:,.0f} chars/s "
+                   f"with {many.split('_')[1]} streams")
+    click.echo(f"GEMM         {r['gemm_gflops']:.1f} GFLOP/s measured; training reaches {r['gemm_fraction']:.1%} of it")
+    click.echo(f"peak RSS     {r['peak_rss_mib']:.0f} MiB")
+
+
 def main():
     cli(prog_name="charrnn")
 

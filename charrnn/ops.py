@@ -49,9 +49,21 @@ def lookup_forward(x, W, b):
     Returns: pre (S, N, H), cache
     """
     xp = array_module(W)
-    table = W.T + b  # (V, H): transposed once with the bias folded in, then rows are gathered
+    table = row_table(W, b)  # (V, H)
     pre = xp.take(table, x, axis=0)  # (S, N, H)
     return pre, LookupCache(x, W.shape[1])
+
+
+def row_table(W, b):
+    """(V, H) = W^T + b in row-major order, so that one character's row is contiguous.
+
+    `W.T + b` alone would come out column-major (numpy keeps the input's layout), and gathering
+    rows from it is a strided copy: 15 us instead of 2 us per sampled character.
+    """
+    xp = array_module(W)
+    table = xp.empty((W.shape[1], W.shape[0]), dtype=W.dtype)  # (V, H)
+    xp.add(W.T, b, out=table)
+    return table
 
 
 def lookup_backward(dpre, cache: LookupCache):

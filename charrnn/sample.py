@@ -25,13 +25,16 @@ class Knobs(NamedTuple):
     greedy: bool = False  # always the most likely character (ignores the rest)
 
 
-def pick(logits, u, knobs: Knobs, banned: int = -1):
-    """Characters (n,) from logits (n, V) already divided by the temperature and uniforms u (n,)."""
-    if banned >= 0:
-        logits[:, banned] = -np.inf
+def pick(logits, u, knobs: Knobs):
+    """Characters (n,) from logits (n, V) already divided by the temperature and uniforms u (n,).
+
+    Inverse CDF: the first index whose cumulative probability exceeds u * total. Characters a
+    filter removed have zero probability, so the cumulative sum does not rise at them and
+    they are never chosen. Logits may hold -inf (a banned character).
+    """
     if knobs.greedy:
         return logits.argmax(axis=1)
-    p = logits - logits.max(axis=1, keepdims=True)  # (n, V)
+    p = logits - logits.max(axis=1, keepdims=True)  # (n, V): exp stays <= 1
     np.exp(p, out=p)
     V = p.shape[1]
     if 0 < knobs.top_k < V:
@@ -41,10 +44,12 @@ def pick(logits, u, knobs: Knobs, banned: int = -1):
         order = np.argsort(-p, axis=1)  # (n, V) most likely first
         sp = np.take_along_axis(p, order, axis=1)
         before = np.cumsum(sp, axis=1) - sp  # mass of the more likely characters
-        sp[before >= knobs.top_p * sp.sum(axis=1, keepdims=True)] = 0  # keep the top always
+        sp[before >= knobs.top_p * sp.sum(axis=1, keepdims=True)] = 0  # the top one always stays
         np.put_along_axis(p, order, sp, axis=1)
     cdf = np.cumsum(p, axis=1)  # (n, V)
-    idx = (cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1)  # first index where cdf > u * total
+    if len(cdf) == 1:  # one stream: a binary search is cheaper than comparing the whole row
+        return np.minimum(cdf[0].searchsorted(u[0] * cdf[0, -1], side="right"), V - 1)[None]
+    idx = (cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1)  # count of entries <= the target
     return np.minimum(idx, V - 1)
 
 
@@ -55,20 +60,27 @@ class _Net(NamedTuple):
     upper: list  # [(W_xh, b_h)] for layers 1..L-1
     W_hh_T: list  # [(H, H)] per layer, transposed and contiguous
     W_out: object  # (H, V) = W_ho^T / temperature
-    b_out: object  # (V,) = b_o / temperature
+    b_out: object  # (V,) = b_o / temperature, -inf for the unknown symbol so it is never drawn
 
 
-def _prepare(params: dict, temperature: float) -> _Net:
+def _prepare(params: dict, temperature: float, banned: int) -> _Net:
     spec = spec_of(params)
     t = params["out.W_ho"].dtype.type(1.0 / temperature)
-    return _Net(params["layers.0.fwd.W_xh"].T + params["layers.0.fwd.b_h"],
+    b_out = params["out.b_o"] * t
+    if banned >= 0:
+        b_out[banned] = -np.inf
+    return _Net(ops.row_table(params["layers.0.fwd.W_xh"], params["layers.0.fwd.b_h"]),
                 [(params[f"layers.{l}.fwd.W_xh"], params[f"layers.{l}.fwd.b_h"]) for l in range(1, spec.L)],
                 [np.ascontiguousarray(params[f"layers.{l}.fwd.W_hh"].T) for l in range(spec.L)],
-                np.ascontiguousarray(params["out.W_ho"].T) * t, params["out.b_o"] * t)
+                np.ascontiguousarray(params["out.W_ho"].T) * t, b_out)
 
 
-def _step(net: _Net, c, h: list, spare: list):
-    """Advance every layer by one character c (n,); returns logits (n, V) and swaps h/spare."""
+def _step(net: _Net, c, h: list, spare: list, logits):
+    """Advance every layer by one character c (n,) and write the next logits (n, V).
+
+    h and spare trade places per layer: the step reads one buffer and writes the other, so
+    nothing is allocated per character (this loop runs once per generated character).
+    """
     inp = np.take(net.table0, c, axis=0)  # (n, H)
     for l in range(len(h)):
         if l > 0:
@@ -76,12 +88,13 @@ def _step(net: _Net, c, h: list, spare: list):
             inp = h[l - 1] @ W.T + b  # (n, H)
         ops.rnn_step_forward(h[l], inp, net.W_hh_T[l], out=spare[l])
         h[l], spare[l] = spare[l], h[l]
-    return h[-1] @ net.W_out + net.b_out  # (n, V)
+    np.matmul(h[-1], net.W_out, out=logits)
+    logits += net.b_out
 
 
-def generate(params: dict, vocab: Vocab, length: int, rng: np.random.Generator, n: int = 1,
-             prime: str = "", knobs: Knobs = Knobs()) -> Iterator[list]:
-    """Yield, for each of `length` steps, the list of n new characters (one per stream).
+def generate_ids(params: dict, vocab: Vocab, length: int, rng: np.random.Generator, n: int = 1,
+                 prime: str = "", knobs: Knobs = Knobs()) -> Iterator[np.ndarray]:
+    """Yield, for each of `length` steps, the ids (n,) of the next character of each stream.
 
     The prime text (default: a newline, or the first vocabulary character) is read first; its
     characters must be in the vocabulary or map to the unknown symbol.
@@ -97,14 +110,23 @@ def generate(params: dict, vocab: Vocab, length: int, rng: np.random.Generator, 
         h = [a.copy() for a in h0["fwd"]]
     else:
         h = [np.zeros((n, spec.H), dtype=params["out.W_ho"].dtype) for _ in range(spec.L)]
-    net, spare = _prepare(params, knobs.temperature), [a.copy() for a in h]
+    net, spare = _prepare(params, knobs.temperature, vocab.unk_id), [a.copy() for a in h]
+    logits = np.empty((n, spec.V), dtype=params["out.W_ho"].dtype)  # (n, V)
     c = ids[:, -1]
     for i in range(length):
         if i % UNIFORM_BLOCK == 0:
             uniforms = rng.random((UNIFORM_BLOCK, n))
-        logits = _step(net, c, h, spare)
-        c = pick(logits, uniforms[i % UNIFORM_BLOCK], knobs, vocab.unk_id)
-        yield [vocab.chars[j] for j in c]
+        _step(net, c, h, spare, logits)
+        c = pick(logits, uniforms[i % UNIFORM_BLOCK], knobs)
+        yield c
+
+
+def generate(params: dict, vocab: Vocab, length: int, rng: np.random.Generator, n: int = 1,
+             prime: str = "", knobs: Knobs = Knobs()) -> Iterator[list]:
+    """generate_ids as characters: for each step, the list of n new characters."""
+    chars = vocab.chars
+    for c in generate_ids(params, vocab, length, rng, n, prime, knobs):
+        yield [chars[j] for j in c.tolist()]
 
 
 def sample_text(params: dict, vocab: Vocab, length: int, rng: np.random.Generator, prime: str = "",
@@ -141,7 +163,9 @@ def infill(params: dict, vocab: Vocab, template: str, rng: np.random.Generator, 
         lo, hi = max(0, t - reach), min(len(ids), t + reach + 1)
         logits, _, _ = forward(params, ids[None, lo:hi])  # (hi-lo, V): row j predicts position lo+j
         row = logits[t - lo : t - lo + 1] / knobs.temperature
-        ids[t] = pick(row, draws[k : k + 1], knobs, vocab.unk_id)[0]
+        if vocab.unk is not None:
+            row[:, vocab.unk_id] = -np.inf
+        ids[t] = pick(row, draws[k : k + 1], knobs)[0]
     out = list(template)  # every character but the gaps is kept as written, even unknown ones
     for t in gaps:
         out[t] = vocab.chars[ids[t]]
