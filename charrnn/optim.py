@@ -56,7 +56,8 @@ def global_norm(g: np.ndarray) -> float:
     """L2 norm of a flat vector. One BLAS dot in g's own precision; only if that overflows (a
     float32 gradient above ~1e19) is it redone in float64, so a huge but finite gradient is
     clipped rather than mistaken for a non-finite one."""
-    sq = float(np.dot(g, g))
+    with np.errstate(over="ignore"):
+        sq = float(np.dot(g, g))
     if not math.isfinite(sq):
         g64 = g.astype(np.float64)
         sq = float(np.dot(g64, g64))

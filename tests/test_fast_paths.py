@@ -1,0 +1,146 @@
+"""Every speed trick against the straightforward computation it replaces."""
+import math
+
+import numpy as np
+import pytest
+
+from charrnn import model, ops, optim, sample
+from charrnn.config import TrainConfig
+from charrnn.vocab import Vocab
+
+
+def test_row_table_is_row_major_and_equals_transpose_plus_bias(rng):
+    W, b = rng.standard_normal((5, 7)), rng.standard_normal(5)
+    table = ops.row_table(W, b)
+    assert table.flags.c_contiguous
+    np.testing.assert_array_equal(table, W.T + b)
+
+
+@pytest.mark.parametrize("V, M", [(3, 50), (40, 30), (1000, 200)])
+def test_sorted_scatter_add_equals_add_at(rng, V, M):
+    idx = rng.integers(0, V, M)
+    rows = rng.standard_normal((M, 6))
+    fast, slow = np.zeros((V, 6)), np.zeros((V, 6))
+    ops.scatter_add_rows(fast, idx, rows)
+    np.add.at(slow, idx, rows)
+    np.testing.assert_allclose(fast, slow, rtol=1e-12, atol=1e-12)
+
+
+def test_rnn_step_with_transposed_copy_equals_the_formula(rng):
+    h, pre, W = rng.standard_normal((3, 4)), rng.standard_normal((3, 4)), rng.standard_normal((4, 4))
+    out = np.empty((3, 4))
+    ops.rnn_step_forward(h, pre, np.ascontiguousarray(W.T), out)
+    np.testing.assert_allclose(out, np.tanh((W @ h.T).T + pre), rtol=1e-13)
+
+
+def test_dropout_mask_values_and_rate():
+    rng = np.random.default_rng(0)
+    m = ops.dropout_mask((200, 50, 40), 0.3, rng, np.float32)
+    assert m.dtype == np.float32
+    assert set(np.unique(m).tolist()) == {0.0, np.float32(1 / 0.7)}
+    assert abs((m == 0).mean() - 0.3) < 0.005  # 400,000 draws: 5 sigma is about 0.004
+    assert abs(m.mean() - 1.0) < 0.01  # inverted dropout keeps the expectation
+
+
+def test_dropout_mask_is_reproducible_from_the_generator_state():
+    a = ops.dropout_mask((7, 3, 5), 0.5, np.random.default_rng(1), np.float64)
+    b = ops.dropout_mask((7, 3, 5), 0.5, np.random.default_rng(1), np.float64)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_float32_norm_equals_float64_norm_and_survives_overflow(rng):
+    g = rng.standard_normal(10_000).astype(np.float32)
+    assert optim.global_norm(g) == pytest.approx(float(np.linalg.norm(g.astype(np.float64))), rel=1e-5)
+    huge = np.full(4, 1e30, dtype=np.float32)  # squares overflow float32, the norm does not
+    assert optim.global_norm(huge) == pytest.approx(2e30, rel=1e-6)
+
+
+def _adam_reference(theta, grads, lr, b1, b2, eps):
+    m = v = np.zeros_like(theta)
+    for t, g in enumerate(grads, start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        theta = theta - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+    return theta
+
+
+def test_flat_adam_equals_the_textbook_update(rng):
+    """Bias corrections folded into the step size: the same numbers up to rounding (eps placement
+    differs by a factor sqrt(1 - b2^t), so eps is set tiny)."""
+    cfg = TrainConfig(optimizer="adam", lr=0.01, eps=1e-12)
+    theta = rng.standard_normal(50)
+    grads = [rng.standard_normal(50) for _ in range(5)]
+    flat, state = theta.copy(), optim.init_state("adam", 50, np.float64)
+    for t, g in enumerate(grads, start=1):
+        assert optim.update(flat, g.copy(), state, t, cfg.lr, cfg, None)
+    np.testing.assert_allclose(flat, _adam_reference(theta, grads, 0.01, 0.9, 0.999, 1e-12), rtol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "rmsprop"])
+def test_flat_rules_equal_their_textbook_updates(rng, kind):
+    cfg = TrainConfig(optimizer=kind, lr=0.05, momentum=0.9, eps=1e-8)
+    theta = rng.standard_normal(30)
+    grads = [rng.standard_normal(30) for _ in range(4)]
+    flat, state = theta.copy(), optim.init_state(kind, 30, np.float64)
+    ref, acc = theta.copy(), np.zeros(30)
+    for t, g in enumerate(grads, start=1):
+        optim.update(flat, g.copy(), state, t, cfg.lr, cfg, None)
+        if kind == "sgd":
+            acc = 0.9 * acc + g
+            ref = ref - 0.05 * acc
+        elif kind == "adagrad":
+            acc = acc + g * g
+            ref = ref - 0.05 * g / (np.sqrt(acc) + 1e-8)
+        else:
+            acc = 0.95 * acc + 0.05 * g * g
+            ref = ref - 0.05 * g / (np.sqrt(acc) + 1e-8)
+    np.testing.assert_allclose(flat, ref, rtol=1e-12)
+
+
+def test_one_stream_binary_search_equals_the_batched_pick(rng):
+    logits = rng.standard_normal((1, 30)) * 3
+    for u in rng.random(200):
+        fast = sample.pick(logits.copy(), np.array([u]), sample.Knobs())
+        batched = sample.pick(np.repeat(logits, 2, axis=0), np.array([u, u]), sample.Knobs())
+        assert fast[0] == batched[0] == batched[1]
+
+
+def test_pick_inverts_the_cdf(rng):
+    logits = np.log(np.array([[0.1, 0.2, 0.3, 0.4]]))
+    for u, want in [(0.05, 0), (0.15, 1), (0.35, 2), (0.99, 3)]:
+        assert sample.pick(logits.copy(), np.array([u]), sample.Knobs())[0] == want
+
+
+def _naive_generate(params, vocab, length, rng, prime):
+    """The straightforward sampler: the full model forward over the whole text at every step."""
+    text = prime
+    uniforms = rng.random((sample.UNIFORM_BLOCK, 1))
+    for i in range(length):
+        ids = vocab.encode(text)[None, :].astype(np.intp)
+        logits, _, _ = model.forward(params, ids)
+        p = np.exp(logits[-1] - logits[-1].max())
+        cdf = np.cumsum(p)
+        text += vocab.chars[min(int((cdf <= uniforms[i, 0] * cdf[-1]).sum()), len(cdf) - 1)]
+    return text[len(prime):]
+
+
+@pytest.mark.parametrize("L", [1, 2])
+def test_incremental_sampler_equals_full_recomputation(L):
+    """The per-character step (prepared tables, swapped buffers) generates exactly what running
+    model.forward over the whole text again at every step generates."""
+    vocab = Vocab(list("abcdefgh"))
+    params = model.init_params(len(vocab), 16, L, False, np.random.default_rng(0), np.float64)
+    fast = "".join(c[0] for c in sample.generate(params, vocab, 40, np.random.default_rng(5), prime="abc"))
+    assert fast == _naive_generate(params, vocab, 40, np.random.default_rng(5), "abc")
+
+
+def test_step_flops_counts_the_matrix_products():
+    from charrnn.bench import step_flops
+
+    spec = model.Spec(V=10, H=4, L=1, dirs=("fwd",))
+    N, T = 2, 3
+    recurrent = 3 * 2 * T * N * 4 * 4  # forward, backward through time, dW_hh
+    head = 3 * 2 * T * N * 4 * 10
+    assert step_flops(spec, N, T) == recurrent + head
+    assert math.isclose(step_flops(model.Spec(10, 4, 1, ("fwd", "bwd")), N, T),
+                        2 * 3 * 2 * (T - 1) * N * 16 + 3 * 2 * T * N * 8 * 10)
