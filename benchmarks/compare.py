@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Back-to-back speed comparison of charrnn against the PyTorch CPU reference.
+
+For each workload, runs `torch_reference.py W --json` and `charrnn bench -c benchmarks/W.yaml
+--json` one after the other, `--pairs` times, and reports the ratio charrnn / PyTorch per pair
+(min / median / max), so that machine load affects both sides of every ratio alike.
+
+    python benchmarks/compare.py --torch-python /path/to/torch-venv/bin/python \\
+        --reference ../shared/bench/torch_reference.py --corpus ../shared/corpora/tinyshakespeare.txt
+
+Writes benchmarks/results.json and prints a markdown table.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+STEPS = {"W1": 30, "W2": 20, "W3": 300, "W4": 20, "W5": 3000, "W6": 10}  # roughly 5-10 s of timing each
+
+
+def run_json(cmd: list) -> dict:
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--torch-python", required=True, help="python of a venv with torch==2.13.0")
+    ap.add_argument("--reference", required=True, help="path to torch_reference.py")
+    ap.add_argument("--corpus", required=True, help="tinyshakespeare.txt")
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--workloads", nargs="+", default=sorted(STEPS))
+    ap.add_argument("--out", default=str(HERE / "results.json"))
+    a = ap.parse_args()
+    results = {}
+    for w in a.workloads:
+        pairs = []
+        for i in range(a.pairs):
+            ref = run_json([a.torch_python, a.reference, w, "--corpus", a.corpus, "--json"])
+            ours_cmd = [sys.executable, "-m", "charrnn", "bench", "-c", str(HERE / f"{w}.yaml"), "--json",
+                        "--steps", str(STEPS[w]), "--set", f"data.path={a.corpus}"]
+            if w == "W6":
+                ours_cmd += ["--vocab", str(ref["vocab"])]
+            ours = run_json(ours_cmd)
+            pairs.append({"torch": ref, "charrnn": ours, "ratio": ours["train_chars_per_sec"] / ref["chars_per_sec"]})
+            print(f"{w} pair {i + 1}: charrnn {ours['train_chars_per_sec']:,.0f} chars/s, "
+                  f"torch {ref['chars_per_sec']:,.0f} chars/s, ratio {pairs[-1]['ratio']:.2f}", file=sys.stderr)
+        results[w] = pairs
+    Path(a.out).write_text(json.dumps(results, indent=1))
+    print("| workload | charrnn chars/s | PyTorch chars/s | ratio min / median / max | GEMM fraction | peak RSS charrnn / PyTorch (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for w, pairs in results.items():
+        ratios = [p["ratio"] for p in pairs]
+        med = lambda key, side: statistics.median(p[side][key] for p in pairs)  # noqa: E731
+        print(f"| {w} | {med('train_chars_per_sec', 'charrnn'):,.0f} | {med('chars_per_sec', 'torch'):,.0f} | "
+              f"{min(ratios):.2f} / {statistics.median(ratios):.2f} / {max(ratios):.2f} | "
+              f"{med('gemm_fraction', 'charrnn'):.0%} | {med('peak_rss_mib', 'charrnn'):.0f} / {med('peak_rss_mib', 'torch'):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
