@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import urllib.error
 import urllib.request
 
@@ -28,10 +29,11 @@ def text_of(ds, part="train") -> str:
 
 
 def is_memmap(a) -> bool:
+    """True if a's memory is a file mapping (np.memmap, or an mmap seen through a memoryview)."""
     while a is not None:
-        if isinstance(a, np.memmap):
+        if isinstance(a, (np.memmap, mmap.mmap)):
             return True
-        a = getattr(a, "base", None)
+        a = a.obj if isinstance(a, memoryview) else getattr(a, "base", None)
     return False
 
 
