@@ -332,6 +332,20 @@ def test_multibyte_characters_straddling_chunks(write_text, chunk):
     assert "".join(chr(c) for p in pieces for c in p) == MULTIBYTE
 
 
+@pytest.mark.parametrize("chunk", [4, 5, 8])
+def test_four_byte_character_at_every_position_of_a_chunk_boundary(write_text, monkeypatch, chunk):
+    """The emoji starts at every offset from a chunk boundary, so boundaries fall before it,
+    after each of its first three bytes, and after it; read directly and through dataset.load."""
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(dataset, "REMAP_CHUNK", 3)
+    for prefix in range(chunk):
+        text = "a" * prefix + "😀" + "b" * chunk + "é中😀\n"
+        path = write_text(text, f"emoji-{prefix}.txt")
+        pieces = list(corpus.iter_codepoints(path, "utf-8"))
+        assert "".join(chr(c) for p in pieces for c in p) == text
+        assert text_of(load(path, val_fraction=0.0)) == text
+
+
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7, 13])
 @pytest.mark.parametrize("where", [0, 1, 5, 9, 10, 11, 17])
 def test_invalid_byte_offset_is_exact_across_chunks(write_text, chunk, where):
