@@ -11,11 +11,16 @@ Left-to-right (next-char) training, truncated BPTT:
 
 Bidirectional (cloze) training: N independent windows of T characters at uniformly random
 starts, drawn from the trainer's Generator; every window starts from zero edge states.
+
+ids may be memory-mapped (dataset.load): windows are gathered with fancy indexing, which reads
+only the pages they lie on. The evaluation generators release those pages as they go; the
+trainer does the same for training windows (dataset.release_pages never changes a value).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from charrnn import dataset
 from charrnn.errors import DataError
 
 
@@ -73,26 +78,38 @@ def eval_streams(n: int) -> tuple[int, int]:
 def eval_stream_windows(ids, T: int):
     """Yield (x, y, valid) windows over eval_streams' layout, in order; the caller carries state.
 
-    x, y (B, Tw) ids with Tw <= T; valid (B, Tw) bool marks real targets (False on padding).
+    x, y (B, Tw) ids with Tw <= T; valid (B, Tw) bool marks real targets (False on padding, whose
+    ids are 0). Windows are gathered from ids one at a time, so a memory-mapped text is never
+    copied whole, and its pages are released as the streams move on (dataset.release_pages).
     """
     n = len(ids)
     B, span = eval_streams(n)
-    ids = np.asarray(ids, dtype=np.intp)
-    padded = np.zeros(B * span + 1, dtype=np.intp)
-    padded[:n] = ids
     starts = (np.arange(B) * span)[:, None]
-    for t0 in range(0, span, T):
+    every = dataset.release_every(B, T)
+    for k, t0 in enumerate(range(0, span, T)):
+        if k % every == every - 1:
+            dataset.release_pages(ids)
         offs = t0 + np.arange(min(T, span - t0))
         pos = starts + offs  # (B, Tw) input positions
-        yield padded[pos], padded[pos + 1], pos + 1 <= n - 1
+        yield _gather_padded(ids, pos), _gather_padded(ids, pos + 1), pos + 1 <= n - 1
+    dataset.release_pages(ids)
+
+
+def _gather_padded(ids, pos: np.ndarray) -> np.ndarray:
+    """ids[pos] as intp, with 0 where pos runs past the end of ids."""
+    inside = pos < len(ids)
+    return np.where(inside, np.asarray(ids[np.where(inside, pos, 0)], dtype=np.intp), 0)
 
 
 def eval_cloze_windows(ids, T: int, N: int):
     """Yield x (B, Tw) batches of consecutive non-overlapping windows; every character once."""
-    ids = np.asarray(ids, dtype=np.intp)
     full = len(ids) // T
-    rows = ids[: full * T].reshape(full, T)
-    for b in range(0, full, N):
-        yield rows[b : b + N]
+    rows = ids[: full * T].reshape(full, T)  # a view: nothing is copied until a batch is taken
+    every = dataset.release_every(N, T)
+    for k, b in enumerate(range(0, full, N)):
+        if k % every == every - 1:
+            dataset.release_pages(ids)
+        yield np.asarray(rows[b : b + N], dtype=np.intp)
     if len(ids) % T:
-        yield ids[full * T :][None, :]
+        yield np.asarray(ids[full * T :], dtype=np.intp)[None, :]
+    dataset.release_pages(ids)

@@ -156,6 +156,8 @@ def check_resume_config(old: Config, new: Config) -> Config:
 
 def _batch(ctx: Context, state: TrainState):
     T = ctx.cfg.train.seq_len
+    if state.step % dataset.release_every(ctx.N, T) == 0:  # keep RSS independent of the corpus size
+        dataset.release_pages(ctx.data.train)
     if ctx.spec.bidirectional:
         return batches.random_windows(ctx.data.train, ctx.N, T, state.rng), None
     x, y, state.pos, wrapped = batches.stream_window(ctx.data.train, ctx.N, ctx.span, T, state.pos)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import urllib.error
 import urllib.request
 
@@ -28,10 +29,11 @@ def text_of(ds, part="train") -> str:
 
 
 def is_memmap(a) -> bool:
+    """True if a's memory is a file mapping (np.memmap, or an mmap seen through a memoryview)."""
     while a is not None:
-        if isinstance(a, np.memmap):
+        if isinstance(a, (np.memmap, mmap.mmap)):
             return True
-        a = getattr(a, "base", None)
+        a = a.obj if isinstance(a, memoryview) else getattr(a, "base", None)
     return False
 
 
@@ -328,6 +330,20 @@ def test_multibyte_characters_straddling_chunks(write_text, chunk):
     pieces = list(corpus.iter_codepoints(path, "utf-8", chunk))
     assert len(pieces) > 1
     assert "".join(chr(c) for p in pieces for c in p) == MULTIBYTE
+
+
+@pytest.mark.parametrize("chunk", [4, 5, 8])
+def test_four_byte_character_at_every_position_of_a_chunk_boundary(write_text, monkeypatch, chunk):
+    """The emoji starts at every offset from a chunk boundary, so boundaries fall before it,
+    after each of its first three bytes, and after it; read directly and through dataset.load."""
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(dataset, "REMAP_CHUNK", 3)
+    for prefix in range(chunk):
+        text = "a" * prefix + "😀" + "b" * chunk + "é中😀\n"
+        path = write_text(text, f"emoji-{prefix}.txt")
+        pieces = list(corpus.iter_codepoints(path, "utf-8"))
+        assert "".join(chr(c) for p in pieces for c in p) == text
+        assert text_of(load(path, val_fraction=0.0)) == text
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7, 13])
