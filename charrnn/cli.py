@@ -61,17 +61,19 @@ class _Stopper:
 
     def handle(self, signum, frame):
         name = signal.Signals(signum).name
-        if self.reason is not None and name == "SIGINT":
-            os._exit(130)  # second Ctrl-C: leave at once, touching no files
-        if self.reason is None:
-            # os.write, not click.echo: a handler may run while the main thread is inside a
-            # buffered write to stderr, and re-entering that buffer raises RuntimeError
-            again = "; Ctrl-C again quits at once without saving" if name == "SIGINT" else ""
-            try:
-                os.write(2, f"\ncharrnn: {name} received: finishing this step and saving last.npz{again}\n".encode())
-            except OSError:
-                pass
-        self.reason = self.reason or name
+        if self.reason is not None:
+            if name == "SIGINT":
+                os._exit(130)  # second Ctrl-C: leave at once, touching no files
+            return
+        # set before anything else: a second signal can run this handler again at any bytecode
+        self.reason = name
+        # os.write, not click.echo: a handler may run while the main thread is inside a
+        # buffered write to stderr, and re-entering that buffer raises RuntimeError
+        again = "; Ctrl-C again quits at once without saving" if name == "SIGINT" else ""
+        try:
+            os.write(2, f"\ncharrnn: {name} received: finishing this step and saving last.npz{again}\n".encode())
+        except OSError:
+            pass
 
     def install(self):
         for sig in (signal.SIGINT, signal.SIGTERM):

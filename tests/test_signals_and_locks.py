@@ -97,3 +97,30 @@ def test_a_second_process_is_refused_and_a_killed_ones_lock_does_not_stay(faults
     p = faults.run_module("train", "--resume", run, "--set", f"train.max_steps={step + 2}")
     assert p.returncode == 0, p.stderr
     assert checkpoint.load(run / "checkpoints" / "last.npz").meta["step"] == step + 2
+
+
+def test_a_second_ctrl_c_that_interrupts_the_first_handler_still_quits(monkeypatch):
+    """A Python signal handler can be re-entered at any bytecode: a second SIGINT arriving while
+    the first is being acknowledged must still count as the second (it used to be taken for a
+    first one, and the process went on)."""
+    from charrnn import cli
+
+    stopper, exits = cli._Stopper(), []
+    real_write = cli.os.write
+
+    def write_interrupted_by_a_second_sigint(fd, data):
+        monkeypatch.setattr(cli.os, "write", real_write)
+        stopper.handle(signal.SIGINT, None)
+        return len(data)
+
+    def _exit(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli.os, "write", write_interrupted_by_a_second_sigint)
+    monkeypatch.setattr(cli.os, "_exit", _exit)
+    with pytest.raises(SystemExit):
+        stopper.handle(signal.SIGINT, None)
+    assert exits == [130] and stopper() == "SIGINT"
+    stopper.handle(signal.SIGTERM, None)  # a signal after the first SIGTERM/SIGINT changes nothing else
+    assert stopper() == "SIGINT" and exits == [130]
