@@ -22,7 +22,9 @@ from charrnn.corpus import atomic_write_bytes
 from charrnn.errors import RunDirError, UsageError
 
 PERIODIC = re.compile(r"^step-(\d+)\.npz$")
-TEMP = re.compile(r"^\..+\.tmp$")  # .<name>.<random>.tmp: an atomic write that a kill interrupted
+# .<name>.<random>.tmp of charrnn's own atomic writes (tempfile.mkstemp), left by a kill midway;
+# only these names, so a user's own .tmp files are never taken for ours
+TEMP = re.compile(r"^\.(config\.yaml|metrics\.jsonl|failed\.txt|last\.npz|best\.npz|step-\d+\.(npz|txt))\.[a-z0-9_]+\.tmp$")
 
 
 class RunDir:

@@ -21,7 +21,7 @@ import numpy as np
 
 from charrnn import __version__, batches, checkpoint, config, dataset, diagnose, evaluate, model, optim, runlog
 from charrnn.config import Config
-from charrnn.errors import CharRNNError, CheckpointError, ConfigError, DataError, RunDirError, TrainingError
+from charrnn.errors import CheckpointError, ConfigError, DataError, RunDirError, TrainingError
 from charrnn.sample import Knobs, sample_text
 
 Report = Callable[[str, dict], None]
@@ -396,7 +396,7 @@ def newest_checkpoint(run: runlog.RunDir) -> checkpoint.Checkpoint | None:
         except CheckpointError:
             if last is None:
                 raise
-    return best or last
+    return best if best is not None else last
 
 
 def resume_config(run_dir: str | Path, sets: list[str] | tuple = ()) -> Config:

@@ -193,11 +193,21 @@ def test_resume_removes_temporary_files_of_interrupted_writes(cli_invoke, faults
                  run / ".config.yaml.abc.tmp"]
     for p in leftovers:
         p.write_bytes(b"partial")
-    keep = run / "checkpoints" / "notes.tmp"  # not ours: not touched
-    keep.write_text("mine")
+    mine = [run / "checkpoints" / "notes.tmp", run / ".notes.tmp", run / "samples" / ".draft.abc.tmp"]  # not ours
+    for p in mine:
+        p.write_text("mine")
     r = cli_invoke("train", "--resume", run, "--set", "train.max_steps=12")
     assert r.exit_code == 0, r.output
-    assert faults.temp_files(run) == [] and keep.read_text() == "mine"
+    assert not any(p.exists() for p in leftovers) and all(p.read_text() == "mine" for p in mine)
+
+
+def test_a_directory_with_only_a_users_hidden_file_is_not_taken_for_an_unused_run(cli_invoke, corpus, tmp_path, tiny):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".notes.tmp").write_text("mine")
+    r = cli_invoke("train", *tiny.args(corpus, *RUN), "--run-dir", run)
+    assert r.exit_code == 2 and "already exists" in r.stderr
+    assert sorted(p.name for p in run.iterdir()) == [".notes.tmp"]
 
 
 # ---- numerical faults ----------------------------------------------------------------------------------
