@@ -27,11 +27,16 @@ from charrnn.errors import DataError
 def plan_streams(n: int, N: int, T: int) -> tuple[int, int]:
     """(batch size, span) for n training ids: N shrinks until every stream holds one window.
 
-    Raises DataError, with the numbers, when even one stream of T + 1 characters does not fit.
+    A stream of span = (n - 1) // N characters holds a window when span >= T + 1 (see
+    stream_window), so one stream needs n >= T + 2. Raises DataError, with the numbers, when
+    even that does not fit.
     """
-    if n < T + 1:
-        raise DataError(f"the training text has {n} characters but train.seq_len={T} needs at least {T + 1}; "
-                        f"lower train.seq_len (e.g. --set train.seq_len={max(1, n - 1)}) or use a longer corpus")
+    if n < 3:
+        raise DataError(f"the training text has {n} character(s); next-character training needs at least 3: "
+                        "use a longer corpus")
+    if n < T + 2:
+        raise DataError(f"the training text has {n} characters but train.seq_len={T} needs at least {T + 2}; "
+                        f"lower train.seq_len (e.g. --set train.seq_len={n - 2}) or use a longer corpus")
     N = min(N, (n - 1) // (T + 1))
     return N, (n - 1) // N
 

@@ -7,9 +7,10 @@ Entries:
     meta                       a 0-d unicode array holding one JSON object (see README)
 
 Nothing is ever unpickled. Loading checks everything before trusting it: the zip directory's
-declared sizes against the shapes the metadata implies (so a hostile file cannot make us
-allocate gigabytes), the format version, every parameter's presence, shape, dtype and
-finiteness. Writes go to a temporary file in the same directory, are fsynced and renamed over
+declared sizes against the shapes the metadata implies and their sum against the machine's
+memory, each .npy header against its entry's size before anything is allocated (so a hostile
+file cannot make us allocate gigabytes), the format version, the metadata (vocabulary, config),
+every parameter's presence, shape and dtype, and that every array is finite. Writes go to a temporary file in the same directory, are fsynced and renamed over
 the target, so a reader (or a crash) sees the old complete file or the new complete file.
 """
 from __future__ import annotations
@@ -24,8 +25,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from charrnn.errors import CheckpointError
+from charrnn import config
+from charrnn.errors import CharRNNError, CheckpointError
 from charrnn.model import param_shapes
+from charrnn.vocab import Vocab
 
 FORMAT_VERSION = 1
 META_MAX_BYTES = 64 << 20
@@ -57,15 +60,16 @@ def resolve(target: str | Path) -> Path:
 # ---- writing --------------------------------------------------------------------------------------
 
 def save(path: Path, params: dict, meta: dict, optim: dict | None = None, state: dict | None = None) -> None:
-    """Write a checkpoint atomically. Refuses (CheckpointError) to write a non-finite parameter."""
-    bad = [name for name, a in params.items() if not np.isfinite(a).all()]
-    if bad:
-        raise CheckpointError(f"refusing to write {path}: non-finite values in {', '.join(bad)}")
+    """Write a checkpoint atomically. Refuses (CheckpointError) to write any non-finite value:
+    parameters, optimizer state or carried hidden state."""
     arrays = dict(params)
     for slot, tensors in (optim or {}).items():
         arrays.update({f"optim/{slot}/{name}": a for name, a in tensors.items()})
     for d, layers in (state or {}).items():
         arrays.update({f"state/{d}/{l}": a for l, a in enumerate(layers)})
+    bad = [name for name, a in arrays.items() if not np.isfinite(a).all()]
+    if bad:
+        raise CheckpointError(f"refusing to write {path}: non-finite values in {', '.join(bad)}")
     arrays["meta"] = np.array(json.dumps({**meta, "format_version": FORMAT_VERSION}, ensure_ascii=False))
     atomic_save_npz(Path(path), arrays)
 
@@ -95,6 +99,45 @@ def _fail(path, problem: str) -> CheckpointError:
     return CheckpointError(f"{path}: {problem}")
 
 
+def memory_limit() -> int:
+    """The most bytes of arrays a checkpoint may ask us to allocate: this machine's memory."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 64 << 30
+
+
+def _read_entry(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One .npy entry, its header checked before anything is allocated.
+
+    np.lib.format.read_array would allocate whatever shape the header declares; here the
+    header must describe no more data than the zip entry holds (its declared size, already
+    checked against the metadata), and object dtypes (pickle) are refused outright.
+    """
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise _fail(path, f"entry {info.filename} has .npy format version {version}, which charrnn does not write")
+        if dtype.hasobject:
+            raise _fail(path, f"entry {info.filename} holds Python objects; charrnn never unpickles, refusing to load it")
+        count = math.prod(shape)
+        nbytes = count * dtype.itemsize
+        if nbytes > info.file_size:
+            raise _fail(path, f"entry {info.filename} declares shape {shape} ({nbytes:,} bytes) in a "
+                              f"{info.file_size:,}-byte entry; refusing to load it")
+        buf = bytearray(nbytes)
+        got = 0
+        while got < nbytes and (n := f.readinto(memoryview(buf)[got:])):
+            got += n
+    if got != nbytes:
+        raise _fail(path, f"entry {info.filename} is truncated ({got:,} of {nbytes:,} bytes)")
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape, order="F" if fortran else "C")
+
+
 def _read_meta(path: Path, zf: zipfile.ZipFile) -> dict:
     try:
         info = zf.getinfo("meta.npy")
@@ -102,18 +145,19 @@ def _read_meta(path: Path, zf: zipfile.ZipFile) -> dict:
         raise _fail(path, "not a charrnn checkpoint (no meta entry)") from None
     if info.file_size > META_MAX_BYTES:
         raise _fail(path, f"meta entry is {info.file_size:,} bytes, more than a checkpoint's metadata can be")
-    with zf.open(info) as f:
-        raw = np.lib.format.read_array(f, allow_pickle=False)
+    raw = _read_entry(path, zf, info)
     if raw.dtype.kind != "U" or raw.shape != ():
         raise _fail(path, "meta entry is not a JSON string")
     try:
         meta = json.loads(str(raw[()]))
     except json.JSONDecodeError as e:
         raise _fail(path, f"meta entry is not valid JSON ({e.msg} at position {e.pos})") from None
+    except RecursionError:
+        raise _fail(path, "meta entry is not valid JSON (nested too deeply)") from None
     if not isinstance(meta, dict):
         raise _fail(path, "meta entry is not a JSON object")
     version = meta.get("format_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise _fail(path, "meta has no integer format_version")
     if version > FORMAT_VERSION:
         raise _fail(path, f"written by a newer charrnn (checkpoint format {version}, this charrnn reads up to "
@@ -142,6 +186,27 @@ def expected_shapes(meta: dict) -> dict:
         raise CheckpointError("meta lacks vocab or config.model (hidden_size, num_layers, bidirectional)") from None
 
 
+def _check_meta(path: Path, meta: dict) -> None:
+    """The parts of the metadata that loading and every command rely on: a valid config, a
+    valid vocabulary and an objective that matches the model config."""
+    try:
+        cfg = config.from_dict(meta["config"], "meta")
+        if not Vocab.from_json(meta).chars:
+            raise _fail(path, "invalid meta (empty vocabulary)")
+    except KeyError as e:
+        raise _fail(path, f"meta lacks {e.args[0]!r}") from None
+    except CheckpointError:
+        raise
+    except CharRNNError as e:
+        raise _fail(path, f"invalid meta ({e})") from None
+    except (TypeError, ValueError, AttributeError):
+        raise _fail(path, "invalid meta (config must be a mapping, vocab a list of single characters)") from None
+    objective = "cloze" if cfg.model.bidirectional else "next-char"
+    if meta.get("objective", objective) != objective:
+        raise _fail(path, f"invalid meta: objective {meta['objective']!r} does not match model.bidirectional="
+                          f"{cfg.model.bidirectional}")
+
+
 def _allowed_entries(meta: dict, shapes: dict) -> dict:
     """Every entry a checkpoint with this metadata may hold, with its maximal size in bytes."""
     allowed = {f"{name}.npy": 8 * math.prod(s) for name, s in shapes.items()}
@@ -161,13 +226,12 @@ def load(target: str | Path, with_training_state: bool = True) -> Checkpoint:
     try:
         with zipfile.ZipFile(path) as zf:
             meta = _read_meta(path, zf)
+            _check_meta(path, meta)
             try:
                 shapes = expected_shapes(meta)
                 allowed = _allowed_entries(meta, shapes)
             except CheckpointError as e:
                 raise _fail(path, str(e)) from None
-            except (KeyError, TypeError, ValueError):
-                raise _fail(path, "meta lacks config.train.batch_size") from None
             for info in zf.infolist():
                 if info.filename == "meta.npy":
                     continue
@@ -175,12 +239,13 @@ def load(target: str | Path, with_training_state: bool = True) -> Checkpoint:
                     raise _fail(path, f"unexpected entry {info.filename!r}")
                 if info.file_size > allowed[info.filename]:
                     raise _fail(path, f"entry {info.filename} declares {info.file_size:,} bytes, more than its shape allows; refusing to load it")
-            arrays = {}
-            for info in zf.infolist():
-                name = info.filename[: -len(".npy")]
-                if name != "meta" and (with_training_state or name in shapes):
-                    with zf.open(info) as f:
-                        arrays[name] = np.lib.format.read_array(f, allow_pickle=False)
+            wanted = [info for info in zf.infolist() if info.filename != "meta.npy"
+                      and (with_training_state or info.filename[: -len(".npy")] in shapes)]
+            need, limit = sum(info.file_size for info in wanted), memory_limit()
+            if need > limit:
+                raise _fail(path, f"its arrays need {need / 2**30:.1f} GiB, more than this machine's memory "
+                                  f"({limit / 2**30:.1f} GiB); refusing to load it")
+            arrays = {info.filename[: -len(".npy")]: _read_entry(path, zf, info) for info in wanted}
     except CheckpointError:
         raise
     except FileNotFoundError:
@@ -219,5 +284,7 @@ def _check(path: Path, arrays: dict, meta: dict, shapes: dict) -> Checkpoint:
             if a.ndim != 2 or a.shape[1] != shapes["layers.0.fwd.W_hh"][0] or a.dtype != dtype:
                 raise _fail(path, f"state entry {key} has shape {a.shape} / dtype {a.dtype}")
             state.setdefault(parts[1], {})[int(parts[2])] = a
+        if parts[0] in ("optim", "state") and not np.isfinite(a).all():
+            raise _fail(path, f"entry {key} holds NaN or Inf values")
     state = {d: [layers[l] for l in sorted(layers)] for d, layers in state.items()}
     return Checkpoint(params, optim, state, meta, path)

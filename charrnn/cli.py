@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -46,7 +47,11 @@ def cli():
 # ---- train ------------------------------------------------------------------------------------
 
 class _Stopper:
-    """First SIGINT/SIGTERM: finish the step, save, exit 130/143. Second SIGINT: exit now."""
+    """First SIGINT/SIGTERM: finish the step, save, exit 130/143. Second SIGINT: exit now.
+
+    Batch schedulers (Slurm, SGE, Kubernetes) send SIGTERM some time before SIGKILL; that lead
+    time must cover one step, an evaluation if one is due, and writing last.npz.
+    """
 
     def __init__(self):
         self.reason = None
@@ -56,9 +61,19 @@ class _Stopper:
 
     def handle(self, signum, frame):
         name = signal.Signals(signum).name
-        if self.reason is not None and name == "SIGINT":
-            os._exit(130)  # second Ctrl-C: leave at once, touching no files
-        self.reason = self.reason or name
+        if self.reason is not None:
+            if name == "SIGINT":
+                os._exit(130)  # second Ctrl-C: leave at once, touching no files
+            return
+        # set before anything else: a second signal can run this handler again at any bytecode
+        self.reason = name
+        # os.write, not click.echo: a handler may run while the main thread is inside a
+        # buffered write to stderr, and re-entering that buffer raises RuntimeError
+        again = "; Ctrl-C again quits at once without saving" if name == "SIGINT" else ""
+        try:
+            os.write(2, f"\ncharrnn: {name} received: finishing this step and saving last.npz{again}\n".encode())
+        except OSError:
+            pass
 
     def install(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -99,7 +114,7 @@ def train(config_path, sets, run_dir, resume_dir, init_from, list_keys):
     reporter.summary(summary)
     if summary.interrupted:
         click.echo(f"stopped by {summary.interrupted} at step {summary.steps}; last.npz saved. Continue with:\n"
-                   f"  charrnn train --resume {summary.run_dir}", err=True)
+                   f"  charrnn train --resume {shlex.quote(str(summary.run_dir))}", err=True)
         sys.exit(SIGNAL_EXIT[summary.interrupted])
 
 

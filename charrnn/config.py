@@ -132,7 +132,8 @@ def _suggest(key: str) -> str | None:
 def _unknown(key: str, source: str) -> ConfigError:
     close = _suggest(key)
     hint = f" (did you mean {close}?)" if close else f"; valid keys: {', '.join(all_keys())}"
-    return ConfigError(f"config error ({source}): unknown key {key}{hint}")
+    shown = key if key.isprintable() and len(key) <= 60 else _describe(key)
+    return ConfigError(f"config error ({source}): unknown key {shown}{hint}")
 
 
 # ---- coercion -------------------------------------------------------------------------------
@@ -146,8 +147,12 @@ def _base_type(key: str) -> tuple[type, bool]:
     return hint, False
 
 
-def _describe(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
+def _describe(value: Any, limit: int = 60) -> str:
+    """A value as a message shows it: one line (repr of text), at most about `limit` characters."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    if not text.isprintable():
+        text = repr(text)  # a newline inside some exotic value must not break the one-line message
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def coerce(key: str, value: Any, source: str) -> Any:
@@ -179,20 +184,22 @@ def coerce(key: str, value: Any, source: str) -> Any:
             if not isinstance(number, int):
                 raise ValueError
             return number
-        except (ValueError, OverflowError):
+        except (TypeError, ValueError, OverflowError):
             raise bad("expected an integer") from None
     if typ is float:
         if isinstance(value, bool):
             raise bad("expected a number, got a boolean")
         try:
             number = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer of 400 digits
             raise bad("expected a number") from None
         if not math.isfinite(number):
             raise bad("expected a finite number")
         return number
     if typ is str:
         if isinstance(value, str):
+            if "\0" in value:
+                raise bad("text must not contain a NUL character")
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
@@ -233,13 +240,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config error: cannot read config file {path}: {e}") from None
     try:
-        doc = yaml.safe_load(text)
+        doc = _safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or "not valid YAML"
+        problem = " ".join(str(getattr(e, "problem", None) or "not valid YAML").split())[:200]  # one line
         raise ConfigError(f"config error ({path}{where}): {problem}") from None
     return _flatten(doc, str(path))
+
+
+def _safe_load(text: str) -> Any:
+    """yaml.safe_load, with every failure as a yaml.YAMLError. PyYAML's constructors raise plain
+    ValueError, KeyError or AttributeError for malformed tagged scalars (`!!timestamp x`,
+    `!!bool maybe`, `!!int 0x`) and RecursionError for deeply nested flow collections."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, RecursionError) as e:
+        raise yaml.MarkedYAMLError(problem=f"not valid YAML ({type(e).__name__}: {e})") from None
 
 
 def parse_set(assignment: str) -> tuple[str, Any]:
@@ -249,7 +268,7 @@ def parse_set(assignment: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"config error (--set): {assignment!r} is not KEY=VALUE (e.g. --set train.lr=3e-3)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw  # not a YAML scalar: keep the text; coercion decides whether that is allowed
     if isinstance(value, (dict, list)):
@@ -321,6 +340,9 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
         if any(not test(value, bound) for _, test, bound in rules):
             allowed = " and ".join(f"{sym} {bound}" for sym, _, bound in rules)
             raise ConfigError(f"config error ({where}): {key} = {_describe(value)}: must be {allowed}")
+    if not cfg.name.strip() or "/" in cfg.name or cfg.name in (".", ".."):
+        raise ConfigError(f"config error ({sources.get('name', 'default')}): name = {_describe(cfg.name)}: must be a "
+                          "non-empty run-directory prefix without '/' (choose the parent directory with --run-dir)")
     if cfg.model.bidirectional and cfg.train.seq_len < 2:
         raise ConfigError(f"config error ({sources.get('train.seq_len', 'default')}): train.seq_len = {cfg.train.seq_len}: "
                           "a bidirectional (cloze) model needs train.seq_len >= 2")

@@ -176,6 +176,10 @@ def iter_codepoints(path: Path, encoding: str = "utf-8", chunk_bytes: int | None
                 try:
                     text = decoder.decode(chunk, final=final)
                 except UnicodeDecodeError as e:
+                    nul = chunk.find(b"\0") if ascii_fast else -1
+                    if nul >= 0:  # a binary file, not a text in another encoding
+                        raise DataError(f"{path} looks like a binary file (NUL byte at byte offset {offset + nul}); "
+                                        "give a text file") from None
                     at = offset - len(pending) + e.start
                     raise DataError(f"{path}: cannot decode byte offset {at} as {encoding} ({e.reason}); "
                                     "set data.encoding (e.g. --set data.encoding=latin-1)") from None

@@ -22,6 +22,9 @@ from charrnn.corpus import atomic_write_bytes
 from charrnn.errors import RunDirError, UsageError
 
 PERIODIC = re.compile(r"^step-(\d+)\.npz$")
+# .<name>.<random>.tmp of charrnn's own atomic writes (tempfile.mkstemp), left by a kill midway;
+# only these names, so a user's own .tmp files are never taken for ours
+TEMP = re.compile(r"^\.(config\.yaml|metrics\.jsonl|failed\.txt|last\.npz|best\.npz|step-\d+\.(npz|txt))\.[a-z0-9_]+\.tmp$")
 
 
 class RunDir:
@@ -52,9 +55,33 @@ def default_run_dir(name: str, base: str | Path = "runs") -> Path:
     return path
 
 
+def unused(run: RunDir) -> bool:
+    """Whether the directory holds nothing but what create() makes (and a start killed before its
+    first checkpoint leaves): no config, no checkpoint, no metrics record. Such a directory is
+    reused by a new run rather than refused."""
+    for p in run.root.iterdir():
+        if p.name == ".lock" or TEMP.match(p.name):
+            continue
+        if p.name == "metrics.jsonl" and p.is_file() and p.stat().st_size == 0:
+            continue
+        if p.name in ("checkpoints", "samples") and p.is_dir() and all(TEMP.match(q.name) for q in p.iterdir()):
+            continue
+        return False
+    return True
+
+
+def remove_temp_files(run: RunDir) -> None:
+    """Delete the temporary files of interrupted atomic writes. Only while holding the lock."""
+    for d in (run.root, run.checkpoints, run.samples):
+        if d.is_dir():
+            for p in d.iterdir():
+                if TEMP.match(p.name) and p.is_file():
+                    p.unlink(missing_ok=True)
+
+
 def create(run: RunDir) -> None:
-    """Make a new run directory; an existing non-empty one is never reused without --resume."""
-    if run.root.exists() and (not run.root.is_dir() or any(run.root.iterdir())):
+    """Make a new run directory; an existing one that holds a run is never reused without --resume."""
+    if run.root.exists() and (not run.root.is_dir() or not unused(run)):
         raise UsageError(f"run directory {run.root} already exists; continue it with --resume {run.root} "
                          "or choose another --run-dir")
     try:
@@ -111,11 +138,22 @@ def write_text(path: Path, text: str) -> None:
 # ---- metrics.jsonl --------------------------------------------------------------------------------
 
 def append_metrics(run: RunDir, record: dict) -> None:
-    """Append one line with a single write(), so a crash leaves at most one torn last line."""
+    """Append one line with a single write(), so a crash leaves at most one torn last line. A
+    write that fails part way (ENOSPC after a short write) is cut back off: no torn line at all."""
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
     fd = os.open(run.metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            try:
+                os.ftruncate(fd, end)
+            except OSError:
+                pass  # the torn line stays; read_metrics skips it and --resume rewrites the file
+            raise
     finally:
         os.close(fd)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,7 +21,7 @@ import numpy as np
 
 from charrnn import __version__, batches, checkpoint, config, dataset, diagnose, evaluate, model, optim, runlog
 from charrnn.config import Config
-from charrnn.errors import CheckpointError, ConfigError, DataError, TrainingError
+from charrnn.errors import CheckpointError, ConfigError, DataError, RunDirError, TrainingError
 from charrnn.sample import Knobs, sample_text
 
 Report = Callable[[str, dict], None]
@@ -49,6 +50,7 @@ class TrainState:
     elapsed_before: float = 0.0  # seconds spent in earlier sessions of this run
     acc: dict = field(default_factory=dict)  # sums over the current logging interval
     eval_acc: dict = field(default_factory=dict)  # gradient-norm sums since the last evaluation
+    backup: dict = field(default_factory=dict)  # scratch copies of theta and the optimizer state (not saved)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,10 @@ def _context(cfg: Config, data: dataset.Dataset, run: runlog.RunDir, report: Rep
         report("warning", {"message": f"the training text ({len(data.train):,} characters) is too short for "
                                       f"{cfg.train.batch_size} streams of {cfg.train.seq_len + 1}; using train.batch_size={N}"})
         cfg = config.replace(cfg, {"train.batch_size": N})
+    if data.val is not None and len(data.val) < (1 if spec.bidirectional else 2):
+        report("warning", {"message": f"the validation text has {len(data.val)} character(s), too few to score; "
+                                      "training without evaluation (raise data.val_fraction or set data.val_path)"})
+        data = data._replace(val=None)
     dtype = np.dtype(cfg.train.dtype)
     layout = optim.Layout.of(model.param_shapes(spec.V, spec.H, spec.L, spec.bidirectional))
     decay = layout.mask(lambda n: ".W_" in n, dtype) if cfg.train.weight_decay > 0 else None
@@ -114,14 +120,38 @@ def _fresh_state(ctx: Context, init_params: dict | None = None) -> TrainState:
     return TrainState(theta, ctx.layout.views(theta), optim.init_state(cfg.train.optimizer, ctx.layout.size, ctx.dtype), rng, None)
 
 
+COUNTERS = ("step", "updates", "pos", "chars_seen", "skips")  # non-negative integers in every training checkpoint
+NUMBERS = ("best_val_loss", "best_step", "last_finite_loss", "elapsed_s")  # numbers (the first three may be null)
+
+
+def _check_training_meta(ck: checkpoint.Checkpoint, ctx: Context) -> None:
+    """Everything --resume takes from the metadata and hidden state, before any of it is used."""
+    meta = ck.meta
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    bad = [k for k in COUNTERS if not integer(meta.get(k))]
+    bad += [k for k in NUMBERS if k not in meta or not (number(meta[k]) or (meta[k] is None and k != "elapsed_s"))]
+    bad += [k for k in ("rng", "acc", "eval_acc") if not isinstance(meta.get(k, {}), dict)]
+    bad += [f"state/{d}" for d, layers in ck.state.items()
+            if d not in ctx.spec.dirs or len(layers) != ctx.spec.L or any(a.shape != (ctx.N, ctx.spec.H) for a in layers)]
+    if bad:
+        raise CheckpointError(f"{ck.path}: its training state is missing or invalid ({', '.join(bad)}), so the run cannot be "
+                              f"resumed from it; start a new run from its weights with --init-from {ck.path}")
+
+
 def _restore_state(ctx: Context, ck: checkpoint.Checkpoint) -> TrainState:
     meta = ck.meta
+    _check_training_meta(ck, ctx)
     state = _fresh_state(ctx, ck.params)
     for slot, flat in state.opt.items():
         if slot not in ck.optim:
             raise CheckpointError(f"{ck.path}: missing optimizer state optim/{slot}; cannot resume exactly")
         flat[:] = ctx.layout.flatten(ck.optim[slot], ctx.dtype)
-    state.rng.bit_generator.state = meta["rng"]
+    try:
+        state.rng.bit_generator.state = meta["rng"]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{ck.path}: its random generator state is invalid, so the run cannot be resumed "
+                              f"exactly; start a new run from its weights with --init-from {ck.path}") from None
     state.h = ck.state or None
     for key in ("step", "updates", "pos", "chars_seen", "best_val_loss", "best_step", "skips", "last_finite_loss"):
         setattr(state, key, meta[key])
@@ -167,7 +197,21 @@ def _batch(ctx: Context, state: TrainState):
 
 
 def train_step(ctx: Context, state: TrainState) -> dict:
-    """One optimizer step; returns its numbers. A non-finite loss or gradient applies no update."""
+    """One optimizer step; returns its numbers. A non-finite loss or gradient applies no update.
+
+    All or nothing: an exception inside the step (MemoryError; Ctrl-C when called as a library)
+    leaves the state as it was before it, so the checkpoint written next resumes exactly.
+    """
+    undo = (state.pos, state.h, state.rng.bit_generator.state)
+    try:
+        return _step(ctx, state)
+    except BaseException:
+        state.pos, state.h = undo[:2]
+        state.rng.bit_generator.state = undo[2]
+        raise
+
+
+def _step(ctx: Context, state: TrainState) -> dict:
     cfg = ctx.cfg.train
     x, y = _batch(ctx, state)
     masks = model.dropout_masks(ctx.spec, ctx.N, cfg.seq_len, ctx.cfg.model.dropout, state.rng, ctx.dtype)
@@ -179,8 +223,7 @@ def train_step(ctx: Context, state: TrainState) -> dict:
     finite = math.isfinite(result.loss) and math.isfinite(norm)
     overflow = False
     if finite:
-        with np.errstate(all="ignore"):
-            applied = optim.update(state.theta, g, state.opt, state.updates + 1, lr, cfg, ctx.decay_mask)
+        applied = _update(ctx, state, g, lr)
         if applied:
             state.updates += 1
             state.h = None if ctx.spec.bidirectional else result.h_last
@@ -190,6 +233,34 @@ def train_step(ctx: Context, state: TrainState) -> dict:
     state.step += 1
     state.chars_seen += x.size
     return {"loss": result.loss, "grad_norm": norm, "clipped": clipped, "lr": lr, "finite": finite, "overflow": overflow}
+
+
+def _update(ctx: Context, state: TrainState, g: np.ndarray, lr: float) -> bool:
+    """optim.update, all or nothing: if the new parameters or the new optimizer state are not
+    finite, both are put back as they were. (optim.update advances the optimizer state in place,
+    and Adam's or Adagrad's g*g can overflow to Inf while the parameters stay finite.) The copies
+    cost well under 1% of a step."""
+    saved = state.backup or {key: np.empty_like(a) for key, a in (("theta", state.theta), *state.opt.items())}
+    state.backup = saved
+    np.copyto(saved["theta"], state.theta)
+    for slot, flat in state.opt.items():
+        np.copyto(saved[slot], flat)
+    try:
+        with np.errstate(all="ignore"):
+            applied = optim.update(state.theta, g, state.opt, state.updates + 1, lr, ctx.cfg.train, ctx.decay_mask)
+        if applied and all(np.isfinite(flat).all() for flat in state.opt.values()):
+            return True
+    except BaseException:
+        _restore(state, saved)
+        raise
+    _restore(state, saved)
+    return False
+
+
+def _restore(state: TrainState, saved: dict) -> None:
+    np.copyto(state.theta, saved["theta"])
+    for slot, flat in state.opt.items():
+        np.copyto(flat, saved[slot])
 
 
 def _nonfinite(ctx: Context, state: TrainState, out: dict) -> None:
@@ -242,20 +313,22 @@ def _save(ctx: Context, state: TrainState, path: Path, elapsed: float) -> None:
         checkpoint.save(path, state.params, _meta(ctx, state, elapsed),
                         {slot: ctx.layout.views(flat) for slot, flat in state.opt.items()}, state.h)
     except OSError as e:
-        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror}; the previous checkpoint is intact") from None
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; {path.name} was not changed. "
+                              f"Free some space (or fix the permissions), then continue with: "
+                              f"charrnn train --resume {ctx.run.root}") from None
 
 
-def _evaluate(ctx: Context, state: TrainState, elapsed: float, report: Report) -> dict:
-    """Validation loss (and a sample for next-char models); best.npz when it improves."""
+def _evaluate(ctx: Context, state: TrainState, report: Report) -> tuple[dict, bool]:
+    """Validation loss (and a sample for next-char models); whether it is the best so far."""
     val = ctx.data.val
     if ctx.cfg.train.eval_chars:
         val = val[: ctx.cfg.train.eval_chars + 1]
     res = evaluate.evaluate_ids(state.params, val, ctx.cfg.train.seq_len)
     record = {"val_loss": res.loss, "val_bpc": res.bpc, **diagnose.grad_health(state.params, state.eval_acc)}
     state.eval_acc = {}
-    if state.best_val_loss is None or res.loss < state.best_val_loss:
+    improved = state.best_val_loss is None or res.loss < state.best_val_loss
+    if improved:
         state.best_val_loss, state.best_step = res.loss, state.step
-        _save(ctx, state, ctx.run.best, elapsed)
     if not ctx.spec.bidirectional and ctx.cfg.train.sample_chars:
         text = sample_text(state.params, ctx.data.vocab, ctx.cfg.train.sample_chars,
                            np.random.default_rng([ctx.cfg.seed, state.step]), knobs=Knobs(temperature=0.8))
@@ -264,7 +337,7 @@ def _evaluate(ctx: Context, state: TrainState, elapsed: float, report: Report) -
         except OSError as e:
             report("warning", {"message": f"cannot write sample {ctx.run.sample_file(state.step)}: {e.strerror}"})
         report("sample", {"step": state.step, "text": text})
-    return record
+    return record, improved
 
 
 def _after_step(ctx: Context, state: TrainState, out: dict, clock: dict, report: Report) -> None:
@@ -274,58 +347,133 @@ def _after_step(ctx: Context, state: TrainState, out: dict, clock: dict, report:
     elapsed = state.elapsed_before + now - clock["start"]
     at_end = step == cfg.max_steps
     do_eval = ctx.data.val is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or at_end)
+    improved = False
     if step % cfg.log_every == 0 or do_eval or at_end:
         record = _log_record(ctx, state, out, now - clock["interval"], elapsed)
         clock["interval"] = now
         if do_eval:
-            record.update(_evaluate(ctx, state, elapsed, report))
+            evaluation, improved = _evaluate(ctx, state, report)
+            record.update(evaluation)
             clock["interval"] = time.perf_counter()  # evaluation time is not training throughput
         try:
             runlog.append_metrics(ctx.run, record)
         except OSError as e:
-            raise CheckpointError(f"cannot append to {ctx.run.metrics}: {e.strerror}; checkpoints so far are intact") from None
+            raise CheckpointError(f"cannot append to {ctx.run.metrics}: {e.strerror or e}; checkpoints so far are intact. "
+                                  f"Free some space (or fix the permissions), then continue with: "
+                                  f"charrnn train --resume {ctx.run.root}") from None
         report("log", record)
+    # checkpoints come last, so a checkpoint of step s implies that step s's metrics and sample are on disk
+    if improved:
+        _save(ctx, state, ctx.run.best, elapsed)
     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not at_end:
         _save(ctx, state, ctx.run.last, elapsed)
         if cfg.keep_last:
             _save(ctx, state, ctx.run.periodic(step), elapsed)
-            runlog.prune_periodic(ctx.run, cfg.keep_last)
+            try:
+                runlog.prune_periodic(ctx.run, cfg.keep_last)
+            except OSError as e:
+                report("warning", {"message": f"cannot delete old periodic checkpoints in {ctx.run.checkpoints}: "
+                                              f"{e.strerror or e}; they are kept"})
 
 
 # ---- the run ----------------------------------------------------------------------------------
 
+def newest_checkpoint(run: runlog.RunDir) -> checkpoint.Checkpoint | None:
+    """The checkpoint --resume continues from: last.npz, or best.npz when that is newer (a run
+    killed after an evaluation improved but before its next last.npz). None if the run has no
+    checkpoint at all (it was killed before its first one)."""
+    last = best = None
+    if run.last.exists():
+        try:
+            last = checkpoint.load(run.last)
+        except CheckpointError as e:
+            others = sorted(p.name for p in run.checkpoints.glob("*.npz") if p != run.last)
+            hint = f"; to resume from another checkpoint ({', '.join(others)}), copy it over {run.last}" if others else ""
+            raise CheckpointError(f"{e}{hint}") from None
+    if run.best.exists():
+        try:
+            step, last_step = checkpoint.read_meta(run.best).get("step"), last and last.meta.get("step")
+            newer = last is None or (isinstance(step, int) and isinstance(last_step, int) and step > last_step)
+            best = checkpoint.load(run.best) if newer else None
+        except CheckpointError:
+            if last is None:
+                raise
+    return best if best is not None else last
+
+
 def resume_config(run_dir: str | Path, sets: list[str] | tuple = ()) -> Config:
     """The config of an existing run with --set overrides of run-length and logging keys only."""
     run = runlog.RunDir(run_dir)
-    if not run.last.exists():
+    ck = newest_checkpoint(run)
+    if ck is None:
+        if run.root.is_dir() and runlog.unused(run):
+            raise CheckpointError(f"cannot resume {run.root}: the run stopped before it saved its first checkpoint, so "
+                                  "there is nothing to continue; start it again with the same command (that "
+                                  "--run-dir is reused)")
         raise CheckpointError(f"cannot resume {run.root}: no checkpoints/last.npz there")
-    old = config.from_dict(checkpoint.load(run.last).meta["config"], str(run.last))
+    old = config.from_dict(ck.meta["config"], str(ck.path))
     new = config.build([("--set", dict(config.parse_set(s) for s in sets))], base=old)
     return check_resume_config(old, new)
+
+
+@contextmanager
+def _writing(path: Path, again: str = "run the same command again"):
+    """OSError while writing a run's files -> a one-line RunDirError naming the file and the fix."""
+    try:
+        yield
+    except OSError as e:
+        raise RunDirError(f"cannot write {path}: {e.strerror or e}; free some space (or fix the permissions) "
+                          f"and {again}") from None
 
 
 def _start(cfg: Config, run: runlog.RunDir, resume: bool, init_from: str | None, report: Report):
     data = dataset.load(cfg.data)
     if resume:
-        runlog.lock(run)
-        runlog.clear_failed(run)
-        ck = checkpoint.load(run.last)
-        if ck.meta.get("corpus_sha256") != data.sha256 or _vocab_of(ck.meta) != data.vocab.to_json():
-            raise DataError(f"the corpus {data.source} changed since run {run.root} started; resume needs the same "
-                            "corpus (use --init-from to start a new run from its weights)")
-        cfg, ctx = _context(cfg, data, run, report)
-        state = _restore_state(ctx, ck)
-        runlog.truncate_metrics(run, state.step)
-        runlog.write_text(run.config, config.dump_yaml(cfg))  # --set may have changed run-length keys
-        return ctx, state
+        return _resume(cfg, run, data, report)
     init = None
     if init_from:
         init = _init_weights(init_from, cfg, data)
-    runlog.create(run)
-    runlog.lock(run)
+    # everything that can refuse the run comes before the directory is made, so a refusal leaves nothing behind
     cfg, ctx = _context(cfg, data, run, report)
-    runlog.write_text(run.config, config.dump_yaml(cfg))
-    return ctx, _fresh_state(ctx, init)
+    if (run.root / ".lock").exists():
+        runlog.lock(run)  # "in use by another process" is the better message than "already exists"
+    runlog.create(run)
+    if run._lock_fd is None:
+        runlog.lock(run)
+    state = _fresh_state(ctx, init)
+    with _writing(run.root):
+        runlog.remove_temp_files(run)  # left by a start that was killed in this (unused) directory
+    # last.npz first, config.yaml second: from the moment the directory holds anything but the
+    # skeleton create() makes, it holds a checkpoint that --resume can continue from
+    with _writing(run.last):
+        checkpoint.save(run.last, state.params, _meta(ctx, state, 0.0),
+                        {slot: ctx.layout.views(flat) for slot, flat in state.opt.items()}, state.h)
+    with _writing(run.config, f"continue with: charrnn train --resume {run.root}"):
+        runlog.write_text(run.config, config.dump_yaml(cfg))
+    return ctx, state
+
+
+def _resume(cfg: Config, run: runlog.RunDir, data: dataset.Dataset, report: Report):
+    runlog.lock(run)
+    again = f"continue with: charrnn train --resume {run.root}"
+    with _writing(run.root, again):
+        runlog.clear_failed(run)
+        runlog.remove_temp_files(run)  # left by writes that a kill interrupted; nobody else writes here (locked)
+    ck = newest_checkpoint(run)
+    if ck is None:
+        raise CheckpointError(f"cannot resume {run.root}: no checkpoints/last.npz there")
+    if ck.path != run.last:
+        report("warning", {"message": f"resuming from {ck.path.name} (step {ck.meta['step']}), which is newer than last.npz"})
+    if ck.meta.get("corpus_sha256") != data.sha256 or _vocab_of(ck.meta) != data.vocab.to_json():
+        raise DataError(f"the corpus {data.source} changed since run {run.root} started; resume needs the same "
+                        "corpus (use --init-from to start a new run from its weights)")
+    cfg, ctx = _context(cfg, data, run, report)
+    state = _restore_state(ctx, ck)
+    with _writing(run.metrics, again):
+        runlog.truncate_metrics(run, state.step)  # drops records after the checkpoint, and a torn last line
+    with _writing(run.config, again):
+        runlog.write_text(run.config, config.dump_yaml(cfg))  # --set may have changed run-length keys
+    return ctx, state
 
 
 def _vocab_of(meta: dict) -> dict:
@@ -392,7 +540,10 @@ def _loop(ctx: Context, state: TrainState, report: Report, stop) -> RunSummary:
     except CheckpointError:
         raise  # a write failed: the previous checkpoint is intact, do not try again
     except BaseException:
-        _save(ctx, state, ctx.run.last, elapsed())  # the state is finite and consistent: keep the work
+        try:  # the state is finite and consistent (train_step is all or nothing): keep the work
+            _save(ctx, state, ctx.run.last, elapsed())
+        except CheckpointError:
+            pass  # last.npz stays the previous complete checkpoint; the error being raised is the news
         raise
     _save(ctx, state, ctx.run.last, elapsed())
     seconds = time.perf_counter() - t0

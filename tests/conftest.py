@@ -133,3 +133,18 @@ def shared_run(tmp_path_factory):
         return runs[key]
 
     return get
+
+
+# ---- fault injection ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def faults():
+    """The helper module tests/faults.py: Disk (writes that fail like a full or read-only disk),
+    Child (a real `charrnn` process whose stderr can be waited on), run and checkpoint comparisons.
+    Loaded from its file because --import-mode=importlib keeps tests/ off sys.path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("charrnn_test_faults", Path(__file__).parent / "faults.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
