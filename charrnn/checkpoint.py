@@ -18,14 +18,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from charrnn import config
+from charrnn import atomic, config
 from charrnn.errors import CharRNNError, CheckpointError
 from charrnn.model import param_shapes
 from charrnn.vocab import Vocab
@@ -71,26 +70,7 @@ def save(path: Path, params: dict, meta: dict, optim: dict | None = None, state:
     if bad:
         raise CheckpointError(f"refusing to write {path}: non-finite values in {', '.join(bad)}")
     arrays["meta"] = np.array(json.dumps({**meta, "format_version": FORMAT_VERSION}, ensure_ascii=False))
-    atomic_save_npz(Path(path), arrays)
-
-
-def atomic_save_npz(path: Path, arrays: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:  # make the rename itself durable
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic.write(Path(path), lambda f: np.savez(f, **arrays))
 
 
 # ---- reading --------------------------------------------------------------------------------------

@@ -16,13 +16,13 @@ import codecs
 import hashlib
 import json
 import os
-import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from charrnn import atomic
 from charrnn.errors import DataError
 
 # Bytes read and decoded at a time. Measured on 256 MB of ASCII-heavy text with some emoji (2
@@ -45,21 +45,6 @@ def cache_root(configured: str | None = None) -> Path:
     return Path(base) / "charrnn"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same directory and a rename: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ---- resolving data.path -----------------------------------------------------------------------
 
 def builtin_python_docs(cache_dir: str | None) -> Path:
@@ -72,7 +57,7 @@ def builtin_python_docs(cache_dir: str | None) -> Path:
     path = cache_root(cache_dir) / "corpora" / f"python-docs-{digest}.txt"
     if not path.exists():
         try:
-            atomic_write_bytes(path, data)
+            atomic.write_bytes(path, data)
         except OSError as e:
             raise DataError(f"cannot write the builtin corpus to {path}: {e.strerror}; set data.cache_dir to a writable directory") from None
     return path
@@ -116,7 +101,7 @@ def fetch_catalog_entry(name: str, corpora_dir: Path | None = None, timeout: flo
             raise DataError(f"cannot download {name} ({reason}); {by_hand}") from None
         if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise DataError(f"download of {name} from {entry['url']} does not match the catalog's size and sha256; {by_hand}")
-        atomic_write_bytes(path, data)
+        atomic.write_bytes(path, data)
     elif _sha256_file(path) != entry["sha256"]:
         raise DataError(f"{path} does not match the catalog's sha256 for {name}; delete it to download again, or {by_hand}")
     return path

@@ -18,7 +18,7 @@ import re
 import time
 from pathlib import Path
 
-from charrnn.corpus import atomic_write_bytes
+from charrnn import atomic
 from charrnn.errors import RunDirError, UsageError
 
 PERIODIC = re.compile(r"^step-(\d+)\.npz$")
@@ -132,7 +132,7 @@ def clear_failed(run: RunDir) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic.write_bytes(path, text.encode("utf-8"))
 
 
 # ---- metrics.jsonl --------------------------------------------------------------------------------
