@@ -127,6 +127,9 @@ def _style(loss, gnorm, lr, sigma, xlabel: str, any_sigma: bool) -> None:
     from matplotlib.ticker import EngFormatter
 
     loss.set(title="loss (solid: training, dashed: validation)", ylabel="bits per character")
+    values = [v for line in loss.get_lines() for v in line.get_ydata() if v > 0]
+    if values and max(values) / min(values) > 20:  # a diverged run would flatten every other curve
+        loss.set(yscale="log", ylabel="bits per character (log scale)")
     gnorm.set(title="global gradient norm before clipping (dotted: clip_norm)", ylabel="L2 norm (log scale)",
               yscale="log")
     lr.set(title="learning rate", ylabel="learning rate")
