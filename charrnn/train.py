@@ -274,9 +274,16 @@ def _nonfinite(ctx: Context, state: TrainState, out: dict) -> None:
         if state.skips <= cfg.max_skips:
             return
         raise TrainingError(f"{what}: {state.skips} batches skipped, more than train.max_skips={cfg.max_skips}; "
-                            f"last finite loss {last}. Lower train.lr or set train.clip_norm (e.g. 1)")
+                            f"last finite loss {last}. Lower train.lr or set train.clip_norm (e.g. 1){_restart(ctx)}")
     raise TrainingError(f"{what} (update not applied; last finite loss {last}). Lower train.lr (now {cfg.lr}), "
-                        f"set train.clip_norm (now {cfg.clip_norm or 'off'}), or use --set train.on_nonfinite=skip")
+                        f"set train.clip_norm (now {cfg.clip_norm or 'off'}), or use --set train.on_nonfinite=skip"
+                        f"{_restart(ctx)}")
+
+
+def _restart(ctx: Context) -> str:
+    """How to go on with other settings: --resume keeps the optimizer settings, --init-from does not."""
+    return (f"; to keep the weights so far, start a new run with --init-from {ctx.run.last} "
+            "and the new settings")
 
 
 # ---- logging, evaluation, checkpoints -----------------------------------------------------------
