@@ -217,28 +217,37 @@ def dropout_mask(shape, p, rng, dtype):
 
 # ---- loss -------------------------------------------------------------------------------------
 
+def _exp_shifted(logits, y):
+    """exp(z) and z[y] for z = logits - row max: the stable core of softmax and its loss.
+
+    Subtracting the row max before exp keeps exp(z) <= 1 (min-char-rnn does not, and overflows).
+    Inputs: logits (M, V), y (M,).  Returns: e (M, V) a new array, picked (M,) float64.
+    """
+    xp = array_module(logits)
+    z = logits - logits.max(axis=1, keepdims=True)  # (M, V), new array: logits stay untouched
+    picked = z[xp.arange(len(y)), y].astype(np.float64)  # (M,)
+    xp.exp(z, out=z)
+    return z, picked
+
+
 def softmax_cross_entropy(logits, y):
     """Fused, numerically stable softmax + mean cross-entropy (nats per position).
 
     Inputs:  logits (M, V), y (M,) int targets
     Returns: loss (a Python float), dlogits (M, V)
 
-    Subtracting the row max before exp keeps exp(z) <= 1 (min-char-rnn does not, and overflows).
     log-softmax = z - log(sum exp z), so loss = mean(log(sum exp z) - z[y]).
     The loss is the *mean* over M positions, so every row of the gradient
     d loss / d logits = softmax - onehot(y) is divided by M: the chain rule starts here.
     """
     xp = array_module(logits)
     M = logits.shape[0]
-    rows = xp.arange(M)
-    z = logits - logits.max(axis=1, keepdims=True)  # (M, V), new array: logits stay untouched
-    picked = z[rows, y]  # (M,)
-    xp.exp(z, out=z)  # z now holds exp(z)
-    total = z.sum(axis=1)  # (M,)
+    e, picked = _exp_shifted(logits, y)  # (M, V), (M,)
+    total = e.sum(axis=1)  # (M,)
     loss = float(xp.mean(xp.log(total.astype(np.float64)) - picked))
-    z *= (1.0 / (total * M))[:, None]  # softmax / M
-    z[rows, y] -= 1.0 / M
-    return loss, z
+    e *= (1.0 / (total * M))[:, None]  # softmax / M
+    e[xp.arange(M), y] -= 1.0 / M
+    return loss, e
 
 
 def cross_entropy_sum(logits, y):
@@ -247,7 +256,5 @@ def cross_entropy_sum(logits, y):
     Inputs: logits (M, V), y (M,).  Returns: a Python float.
     """
     xp = array_module(logits)
-    z = logits - logits.max(axis=1, keepdims=True)  # (M, V)
-    picked = z[xp.arange(len(y)), y].astype(np.float64)  # (M,)
-    xp.exp(z, out=z)
-    return float(xp.sum(xp.log(z.sum(axis=1, dtype=np.float64)) - picked))
+    e, picked = _exp_shifted(logits, y)
+    return float(xp.sum(xp.log(e.sum(axis=1, dtype=np.float64)) - picked))
