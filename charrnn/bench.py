@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from charrnn import dataset, model, runlog, train
+from charrnn import dataset, heap, model, runlog, train
 from charrnn.config import Config
 from charrnn.sample import Knobs, generate
 from charrnn.vocab import Vocab
@@ -81,6 +81,7 @@ def _time_sampling(params, vocab, chars: int, n: int) -> float:
 def run(cfg: Config, steps: int = 30, warmup: int = 5, vocab_size: int | None = None,
         sample_chars: int = 3000, streams: int = 32) -> dict:
     """Benchmark a config; returns one flat dict of results (see the module docstring)."""
+    heap.keep_freed_memory()  # as train.train does, so the bench times what training runs
     data = synthetic_data(vocab_size) if vocab_size else dataset.load(cfg.data)
     cfg, ctx = train._context(cfg, data, runlog.RunDir("/nonexistent"), lambda kind, record: None)
     state = train._fresh_state(ctx)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from charrnn import batches, corpus, ops
+from charrnn import batches, corpus, heap, ops
 from charrnn.errors import DataError
 from charrnn.model import forward, spec_of, targets
 from charrnn.vocab import Vocab
@@ -55,6 +55,7 @@ def result(total: float, count: int, objective: str, unk_rate: float = 0.0) -> E
 
 
 def evaluate_ids(params: dict, ids, seq_len: int, unk_rate: float = 0.0) -> EvalResult:
+    heap.keep_freed_memory()  # windows reuse the previous window's pages
     spec = spec_of(params)
     if len(ids) < (1 if spec.bidirectional else 2):
         raise DataError(f"the text has {len(ids)} characters; a {spec.objective} model needs at least "

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from charrnn import __version__, batches, checkpoint, config, dataset, diagnose, evaluate, model, optim, runlog
+from charrnn import __version__, batches, checkpoint, config, dataset, diagnose, evaluate, heap, model, optim, runlog
 from charrnn.config import Config
 from charrnn.errors import CheckpointError, ConfigError, DataError, RunDirError, TrainingError
 from charrnn.sample import Knobs, sample_text
@@ -508,6 +508,7 @@ def _init_weights(path: str, cfg: Config, data: dataset.Dataset) -> dict:
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: str | None = None,
           report: Report = _noop, stop: Callable[[], str | None] = lambda: None) -> RunSummary:
     """Train (or continue) a run in run_dir until train.max_steps or until stop() names a reason."""
+    heap.keep_freed_memory()  # steps reuse the previous step's pages (heap.py: 4-6 ms a W1 step)
     run = runlog.RunDir(run_dir)
     try:
         ctx, state = _start(cfg, run, resume, init_from, report)
