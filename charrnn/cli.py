@@ -1,7 +1,8 @@
 """Command-line interface: parse options, call the library, turn its errors into exit codes.
 
 Exit codes: 0 success; 1 failure (missing or broken file, non-finite training, disk error);
-2 usage or config error; 130 interrupted by SIGINT; 143 stopped by SIGTERM.
+2 usage or config error; 130 interrupted by SIGINT; 141 stdout closed by its reader (`| head`);
+143 stopped by SIGTERM.
 Results go to stdout (sample text, eval numbers); progress and messages go to stderr.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from charrnn import __version__, checkpoint, config, dataset, evaluate
 from charrnn.errors import CharRNNError, DataError, UsageError
 
 SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
+SIGPIPE_EXIT = 141  # stdout closed by its reader
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -29,13 +31,26 @@ def _fail(e: CharRNNError) -> None:
 
 
 class Group(click.Group):
-    """Turns library errors raised inside any command into one line and the right exit code."""
+    """Turns library errors raised inside any command into one line and the right exit code.
+
+    Ctrl-C (outside training, which saves first) exits 130 like any interrupted Unix tool, not
+    click's "Aborted!" with 1. A reader that stops early (`charrnn sample RUN | head`) is not an
+    error: the rest of the output goes nowhere and the exit is 141 (128 + SIGPIPE), as for `cat`.
+    """
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except CharRNNError as e:
             _fail(e)
+        except KeyboardInterrupt:
+            click.echo("\ncharrnn: interrupted", err=True)
+            sys.exit(SIGNAL_EXIT["SIGINT"])
+        except BrokenPipeError:
+            # what Python's signal docs advise: point stdout at devnull so that the flush at exit
+            # does not raise again and print a traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(SIGPIPE_EXIT)
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
