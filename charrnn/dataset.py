@@ -29,7 +29,9 @@ import json
 import mmap
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -83,13 +85,16 @@ def load(data: DataConfig) -> Dataset:
 def _build_entry(entry: Path, path: Path, val_path: Path | None, data: DataConfig, settings: dict) -> None:
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_builds(entry)
         tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}."))
+        (tmp / "owner").write_text(_owner(), encoding="utf-8")
     except OSError as e:
         raise DataError(f"cannot write the corpus cache under {entry.parent}: {e.strerror}; "
                         "set data.cache_dir to a writable directory") from None
     try:
         meta = tokenize(path, val_path, data, tmp)
         (tmp / "meta.json").write_text(json.dumps({**meta, "settings": settings}, ensure_ascii=False), encoding="utf-8")
+        (tmp / "owner").unlink()
         try:
             os.rename(tmp, entry)
         except OSError:
@@ -100,6 +105,41 @@ def _build_entry(entry: Path, path: Path, val_path: Path | None, data: DataConfi
                         "set data.cache_dir to a writable directory") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()} {os.getpid()}"
+
+
+def _remove_abandoned_builds(entry: Path) -> None:
+    """Delete the half-written builds of this entry that a killed process left behind (a 1 GB
+    corpus leaves over 1 GB). A build is abandoned when its owner process, on this host, is gone;
+    builds by live processes or other hosts (a shared cache directory) are left alone, and so is
+    one with no owner file yet unless it is an hour old (its owner was killed while starting)."""
+    host = socket.gethostname()
+    for tmp in entry.parent.glob(f".{entry.name}.*"):
+        try:
+            owner = (tmp / "owner").read_text(encoding="utf-8").split()
+        except FileNotFoundError:
+            owner = None
+        except OSError:
+            continue
+        if owner is None:
+            abandoned = time.time() - tmp.stat().st_mtime > 3600
+        else:
+            abandoned = len(owner) == 2 and owner[0] == host and owner[1].isdigit() and not _alive(int(owner[1]))
+        if abandoned:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def _chunks(n: int, start: int = 0):

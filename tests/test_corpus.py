@@ -496,3 +496,30 @@ def test_corrupt_local_file_is_reported(corpora_dir, no_network):
     with pytest.raises(DataError) as info:
         corpus.fetch_catalog_entry("tiny", corpora_dir)
     assert "delete it" in str(info.value) and str(corpora_dir / "tiny.txt") in str(info.value)
+
+
+def test_builds_abandoned_by_killed_processes_are_removed(write_text, cache_dir):
+    """A process killed while tokenizing leaves a half-written `.<entry>.*` directory; the next
+    build of that entry removes it, but not the build of a live process or of another host."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    path = write_text("abcabc\n" * 20)
+    entry = load(path).cache_dir
+    for f in entry.iterdir():
+        f.unlink()
+    entry.rmdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owners = {"killed": f"{socket.gethostname()} {int(dead.stdout)}", "live": f"{socket.gethostname()} {os.getpid()}",
+              "other-host": f"some-other-host-{os.getpid()} {int(dead.stdout)}"}
+    for name, owner in owners.items():
+        (entry.parent / f".{entry.name}.{name}").mkdir()
+        (entry.parent / f".{entry.name}.{name}" / "ids.bin").write_bytes(b"\0" * 64)
+        (entry.parent / f".{entry.name}.{name}" / "owner").write_text(owner)
+    again = load(path)
+    assert again.reused is False and again.cache_dir == entry
+    left = sorted(p.name for p in entry.parent.glob(f".{entry.name}.*"))
+    assert left == [f".{entry.name}.live", f".{entry.name}.other-host"]
+    assert text_of(again) == text_of(load(path)) and not (entry / "owner").exists()
