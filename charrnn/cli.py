@@ -189,7 +189,8 @@ def sample(target, length, temperature, top_k, top_p, prime, seed, greedy, n, st
                          "use --infill TEMPLATE (e.g. --infill 'to be or __ to be')")
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % 2**32)
-        click.echo(f"seed {seed}", err=True)
+        if not greedy:  # greedy output does not depend on the seed: printing one would suggest it does
+            click.echo(f"seed {seed}", err=True)
     rng, knobs = np.random.default_rng(seed), Knobs(temperature, top_k or 0, top_p, greedy)
     out = sys.stdout.buffer  # click.get_binary_stream is deprecated since Click 8.5 (removed in 9.0)
     if infill is not None:

@@ -63,6 +63,13 @@ def test_greedy_does_not_depend_on_the_seed(cli_invoke, partly_trained):
     assert a == b == c
 
 
+def test_a_random_seed_is_printed_except_for_greedy_output(cli_invoke, partly_trained):
+    drawn = cli_invoke("sample", str(partly_trained), "--length", "20")
+    assert drawn.exit_code == 0 and drawn.stderr.startswith("seed ")
+    greedy = cli_invoke("sample", str(partly_trained), "--length", "20", "--greedy")
+    assert greedy.exit_code == 0 and "seed" not in greedy.stderr
+
+
 def test_top_k_1_equals_greedy(cli_invoke, partly_trained):
     greedy = sample(cli_invoke, partly_trained, "--greedy", "--seed", "0", "--length", "150")
     for seed in ("1", "9"):
