@@ -225,6 +225,13 @@ def _write_samples(out, steps, n: int, prime: str, stop: str | None) -> None:
     out.flush()
 
 
+def _scratch(cfg) -> Path:
+    """Where eval and diagnose put the ids of a --corpus file (memory-mapped, deleted at once)."""
+    from charrnn.corpus import cache_root
+
+    return cache_root(cfg.data.cache_dir) / "scratch"
+
+
 def _vocab(ck):
     from charrnn.vocab import Vocab
 
@@ -250,7 +257,7 @@ def eval_(target, corpus, split, as_json):
     if corpus is not None:
         if not corpus.exists():
             raise DataError(f"--corpus {corpus}: no such file")
-        ids, unk_rate = evaluate.encode_file(corpus, vocab, cfg.data.encoding)
+        ids, unk_rate = evaluate.encode_file(corpus, vocab, cfg.data.encoding, _scratch(cfg))
     else:
         data = dataset.load(cfg.data)
         if data.vocab != vocab:
@@ -275,7 +282,7 @@ def _text_ids(ck, cfg, corpus: Path | None) -> tuple[np.ndarray, str]:
     if corpus is not None:
         if not corpus.exists():
             raise DataError(f"--corpus {corpus}: no such file")
-        return evaluate.encode_file(corpus, vocab, cfg.data.encoding)[0], str(corpus)
+        return evaluate.encode_file(corpus, vocab, cfg.data.encoding, _scratch(cfg))[0], str(corpus)
     data = dataset.load(cfg.data)
     if data.vocab != vocab:
         raise DataError(f"the run's corpus {data.source} changed since the checkpoint was written; use --corpus FILE")

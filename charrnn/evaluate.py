@@ -8,6 +8,8 @@ sides within consecutive windows of train.seq_len characters, as in training.
 from __future__ import annotations
 
 import math
+import mmap
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -63,17 +65,66 @@ def evaluate_ids(params: dict, ids, seq_len: int, unk_rate: float = 0.0) -> Eval
     return result(*score(params, ids, seq_len), spec.objective, unk_rate)
 
 
-def encode_file(path: Path, vocab: Vocab, encoding: str) -> tuple[np.ndarray, float]:
+def encode_file(path: Path, vocab: Vocab, encoding: str, scratch: Path | None = None) -> tuple[np.ndarray, float]:
     """Ids of a text file and its unknown-character rate. Unknown characters become the unknown
-    symbol if the vocabulary has one, else they are left out of the scored text."""
-    parts, unknown, n = [], 0, 0
-    for cps in corpus.iter_codepoints(path, encoding):
-        ids = vocab.lookup(cps)
-        missing = ids < 0
-        unknown += int(missing.sum())
-        n += len(ids)
-        ids = np.where(missing, vocab.unk_id, ids) if vocab.unk is not None else ids[~missing]
-        parts.append(ids.astype(vocab.dtype))
-    if n == 0:
-        raise DataError(f"{path} is empty; give a text file with some characters")
-    return np.concatenate(parts), unknown / n
+    symbol if the vocabulary has one, else they are left out of the scored text.
+
+    With `scratch` (a directory on disk), the ids go to a file there, deleted at once, and come
+    back memory-mapped: the scorer releases their pages as it moves on, so scoring a file of any
+    size holds a bounded amount of RAM (held in memory, a 1 GB text is 1-2 GB of ids). If the
+    directory cannot be written, the ids are kept in memory instead.
+    """
+    sink = _Sink(vocab.dtype, scratch)
+    unknown, n = 0, 0
+    try:
+        for cps in corpus.iter_codepoints(path, encoding):
+            ids = vocab.lookup(cps)
+            missing = ids < 0
+            unknown += int(missing.sum())
+            n += len(ids)
+            ids = np.where(missing, vocab.unk_id, ids) if vocab.unk is not None else ids[~missing]
+            sink.add(ids.astype(vocab.dtype))
+        if n == 0:
+            raise DataError(f"{path} is empty; give a text file with some characters")
+        return sink.array(), unknown / n
+    finally:
+        sink.close()
+
+
+class _Sink:
+    """Collects id chunks in memory, or appends them to an unlinked scratch file to map at the end."""
+
+    def __init__(self, dtype, scratch: Path | None):
+        self.dtype, self.parts, self.file = np.dtype(dtype), [], None
+        if scratch is not None:
+            try:
+                scratch.mkdir(parents=True, exist_ok=True)
+                self.file = tempfile.TemporaryFile(dir=scratch, prefix="eval-ids-")
+            except OSError:  # e.g. a checkpoint's cache_dir from another machine: score in memory
+                self.file = None
+
+    def add(self, ids: np.ndarray) -> None:
+        if self.file is None:
+            self.parts.append(ids)
+            return
+        try:
+            self.file.write(ids.tobytes())
+        except OSError as e:
+            raise DataError(f"cannot write scratch ids: {e.strerror}; free some disk space "
+                            "or set data.cache_dir (or CHARRNN_CACHE_DIR) elsewhere") from None
+
+    def array(self) -> np.ndarray:
+        if self.file is None:
+            return np.concatenate(self.parts)
+        self.file.flush()
+        count = self.file.tell() // self.dtype.itemsize
+        if count == 0:  # every character was unknown and dropped: nothing to map
+            return np.zeros(0, dtype=self.dtype)
+        # mapped as dataset.load maps its ids, so the scorer's dataset.release_pages applies; the
+        # mapping keeps the data reachable after the file (already nameless) is closed
+        mapping = mmap.mmap(self.file.fileno(), count * self.dtype.itemsize, access=mmap.ACCESS_READ)
+        return np.frombuffer(mapping, dtype=self.dtype)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()

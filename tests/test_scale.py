@@ -182,3 +182,42 @@ def test_eval_cloze_windows_cover_every_character_once(rng, n, T, N):
     windows = list(batches.eval_cloze_windows(ids, T, N))
     assert all(w.dtype == np.intp for w in windows)
     np.testing.assert_array_equal(np.concatenate([w.reshape(-1) for w in windows]), ids)
+
+
+def test_scoring_a_large_file_keeps_its_ids_on_disk(tmp_path, monkeypatch):
+    """eval/diagnose --corpus: the ids go to an unlinked scratch file and come back memory-mapped,
+    equal to the in-memory encoding; memory does not grow with the file."""
+    from charrnn import evaluate
+    from charrnn.vocab import Vocab
+
+    chunk = 128 << 10
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", chunk)
+    path = tmp_path / "big.txt"
+    text = mixed_corpus(path, 6 << 20)
+    vocab = Vocab(sorted(set(text)))
+    in_memory, rate = evaluate.encode_file(path, vocab, "utf-8")
+    scratch = tmp_path / "scratch"
+    tracemalloc.start()
+    try:
+        mapped, mapped_rate = evaluate.encode_file(path, vocab, "utf-8", scratch)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # per chunk: code points (4 bytes a character), intp lookups (8), the mask, the narrowed copy:
+    # about 36 chunks' bytes at most, the same for any file size; the ids alone are 3x more here
+    assert peak < 40 * chunk < in_memory.nbytes / 2, f"traced peak {peak:,} bytes"
+    assert dataset._mapping_of(mapped) is not None and list(scratch.iterdir()) == []  # mapped, and nameless
+    np.testing.assert_array_equal(mapped, in_memory)
+    assert mapped_rate == rate == 0.0
+
+
+def test_an_unwritable_scratch_directory_falls_back_to_memory(tmp_path):
+    from charrnn import evaluate
+    from charrnn.vocab import Vocab
+
+    path = tmp_path / "t.txt"
+    path.write_text("abcab\n", encoding="utf-8")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    ids, _ = evaluate.encode_file(path, Vocab(list("\nabc")), "utf-8", blocker / "scratch")
+    assert dataset._mapping_of(ids) is None and ids.tolist() == [1, 2, 3, 1, 2, 0]
