@@ -3,7 +3,9 @@
 
 For each workload, runs `torch_reference.py W --json` and `charrnn bench -c benchmarks/W.yaml
 --json` one after the other, `--pairs` times, and reports the ratio charrnn / PyTorch per pair
-(min / median / max), so that machine load affects both sides of every ratio alike.
+(min / median / max), so that machine load affects both sides of every ratio alike. Both sides
+time at least `--seconds` (8, the reference's default): on a machine whose speed drifts, a
+1.5-second run lands in one state where an 8-second one averages over several.
 
     python benchmarks/compare.py --torch-python /path/to/torch-venv/bin/python \\
         --reference ../shared/bench/torch_reference.py --corpus ../shared/corpora/tinyshakespeare.txt
@@ -18,7 +20,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STEPS = {"W1": 30, "W2": 20, "W3": 300, "W4": 20, "W5": 3000, "W6": 10}  # roughly 5-10 s of timing each
+STEPS = {"W1": 30, "W2": 20, "W3": 300, "W4": 20, "W5": 3000, "W6": 10}  # at least these, and --seconds
 
 
 def run_json(cmd: list) -> dict:
@@ -32,6 +34,8 @@ def main():
     ap.add_argument("--reference", required=True, help="path to torch_reference.py")
     ap.add_argument("--corpus", required=True, help="tinyshakespeare.txt")
     ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=8.0,
+                    help="minimum timed seconds for each side (the reference's own default is 8)")
     ap.add_argument("--workloads", nargs="+", default=sorted(STEPS))
     ap.add_argument("--out", default=str(HERE / "results.json"))
     a = ap.parse_args()
@@ -39,9 +43,9 @@ def main():
     for w in a.workloads:
         pairs = []
         for i in range(a.pairs):
-            ref = run_json([a.torch_python, a.reference, w, "--corpus", a.corpus, "--json"])
+            ref = run_json([a.torch_python, a.reference, w, "--corpus", a.corpus, "--json", "--seconds", str(a.seconds)])
             ours_cmd = [sys.executable, "-m", "charrnn", "bench", "-c", str(HERE / f"{w}.yaml"), "--json",
-                        "--steps", str(STEPS[w]), "--set", f"data.path={a.corpus}"]
+                        "--steps", str(STEPS[w]), "--seconds", str(a.seconds), "--set", f"data.path={a.corpus}"]
             if w == "W6":
                 ours_cmd += ["--vocab", str(ref["vocab"])]
             ours = run_json(ours_cmd)

@@ -57,11 +57,15 @@ def gemm_rate(M: int, H: int, dtype, seconds: float = 1.0) -> float:
     return 2 * M * H * H / statistics.median(times)
 
 
-def _time_training(ctx, state, steps: int, warmup: int) -> list[float]:
+def _time_training(ctx, state, steps: int, warmup: int, seconds: float = 0.0) -> list[float]:
+    """Per-step times of at least `steps` steps and `seconds` seconds, after `warmup` steps.
+
+    A time floor lets a comparison time both sides over equally long stretches: this machine's
+    speed drifts over seconds, and a short run lands in one state where a long one averages."""
     for _ in range(warmup):
         train.train_step(ctx, state)
-    times = []
-    for _ in range(steps):
+    times, start = [], time.perf_counter()
+    while len(times) < steps or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         train.train_step(ctx, state)
         times.append(time.perf_counter() - t0)
@@ -79,20 +83,20 @@ def _time_sampling(params, vocab, chars: int, n: int) -> float:
 
 
 def run(cfg: Config, steps: int = 30, warmup: int = 5, vocab_size: int | None = None,
-        sample_chars: int = 3000, streams: int = 32) -> dict:
+        sample_chars: int = 3000, streams: int = 32, seconds: float = 0.0) -> dict:
     """Benchmark a config; returns one flat dict of results (see the module docstring)."""
     heap.keep_freed_memory()  # as train.train does, so the bench times what training runs
     data = synthetic_data(vocab_size) if vocab_size else dataset.load(cfg.data)
     cfg, ctx = train._context(cfg, data, runlog.RunDir("/nonexistent"), lambda kind, record: None)
     state = train._fresh_state(ctx)
-    times = _time_training(ctx, state, steps, warmup)
+    times = _time_training(ctx, state, steps, warmup, seconds)
     N, T = ctx.N, cfg.train.seq_len
     med = statistics.median(times)
     rate = gemm_rate(N * T, ctx.spec.H, ctx.dtype)
     result = {"config": {"hidden_size": ctx.spec.H, "num_layers": ctx.spec.L, "bidirectional": ctx.spec.bidirectional,
                          "vocab": ctx.spec.V, "batch_size": N, "seq_len": T, "optimizer": cfg.train.optimizer,
                          "dtype": cfg.train.dtype},
-              "steps_timed": steps, "train_chars_per_sec": N * T / med,
+              "steps_timed": len(times), "train_chars_per_sec": N * T / med,
               "train_chars_per_sec_min": N * T / max(times), "train_chars_per_sec_max": N * T / min(times),
               "step_ms": med * 1e3, "gemm_gflops": rate / 1e9,
               "gemm_fraction": step_flops(ctx.spec, N, T) / med / rate}

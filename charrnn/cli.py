@@ -361,16 +361,18 @@ def runs_(directory, as_json):
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="YAML config file.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one config key (repeatable).")
 @click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Training steps timed after warm-up.")
+@click.option("--seconds", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Keep timing steps until this many seconds have passed (at least --steps steps).")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed steps first.")
 @click.option("--vocab", "vocab_size", type=click.IntRange(min=2, max=1_000_000), default=None,
               help="Synthetic random ids with this vocabulary size instead of the config's corpus.")
 @click.option("--sample-chars", type=click.IntRange(min=10), default=3000, show_default=True, help="Characters sampled for the sampling rate.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench(config_path, sets, steps, warmup, vocab_size, sample_chars, as_json):
+def bench(config_path, sets, steps, seconds, warmup, vocab_size, sample_chars, as_json):
     """Measure training and sampling speed, peak memory and the share of the GEMM rate reached."""
     from charrnn import bench as benchmark
 
-    r = benchmark.run(config.load(config_path, sets), steps, warmup, vocab_size, sample_chars)
+    r = benchmark.run(config.load(config_path, sets), steps, warmup, vocab_size, sample_chars, seconds=seconds)
     if as_json:
         click.echo(json.dumps(r))
         return
