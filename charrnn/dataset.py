@@ -70,9 +70,10 @@ def load(data: DataConfig) -> Dataset:
     """Resolve data.path / data.val_path, then open the cached encoding (building it if needed)."""
     path = corpus.resolve(data.path, data.cache_dir)
     val_path = corpus.resolve(data.val_path, data.cache_dir, key="data.val_path") if data.val_path else None
-    sha = corpus.file_sha256(path)
+    memo = corpus.cache_root(data.cache_dir) / "sha256"  # a cache hit need not re-read the whole file
+    sha = corpus.file_sha256(path, memo)
     settings = {"format": FORMAT, "sha256": sha, "encoding": data.encoding, "min_count": data.min_count,
-                "val_sha256": corpus.file_sha256(val_path) if val_path else None,
+                "val_sha256": corpus.file_sha256(val_path, memo) if val_path else None,
                 "val_fraction": None if val_path else data.val_fraction}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
     entry = corpus.cache_root(data.cache_dir) / "encoded" / key

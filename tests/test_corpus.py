@@ -523,3 +523,32 @@ def test_builds_abandoned_by_killed_processes_are_removed(write_text, cache_dir)
     left = sorted(p.name for p in entry.parent.glob(f".{entry.name}.*"))
     assert left == [f".{entry.name}.live", f".{entry.name}.other-host"]
     assert text_of(again) == text_of(load(path)) and not (entry / "owner").exists()
+
+
+def test_the_hash_of_an_unchanged_file_is_remembered_and_a_rewrite_is_hashed_again(write_text, monkeypatch, cache_dir):
+    import os
+
+    import time
+
+    path = write_text("abcd efgh\n" * 30)
+    monkeypatch.setattr(corpus, "_now", lambda: time.time() + 10)  # the file was written 10 s ago
+    first = load(path)
+    calls = []
+    real = corpus._sha256_file
+    monkeypatch.setattr(corpus, "_sha256_file", lambda p: calls.append(p) or real(p))
+    again = load(path)
+    assert again.reused and again.sha256 == first.sha256 and calls == []  # no full read on a cache hit
+    path.write_text("zyxw vuts\n" * 30, encoding="utf-8")  # same size, new content (new ctime)
+    os.utime(path, ns=(path.stat().st_mtime_ns - 10**9,) * 2)  # even with an older mtime set
+    changed = load(path)
+    assert calls == [path] and changed.sha256 != first.sha256 and not changed.reused
+    assert text_of(changed, "train").startswith("zyxw")
+
+
+def test_a_just_modified_file_is_not_memoized(write_text, monkeypatch, cache_dir):
+    path = write_text("abcd efgh\n" * 30)  # mtime now: a coarse clock could hide a second write
+    load(path)
+    calls = []
+    real = corpus._sha256_file
+    monkeypatch.setattr(corpus, "_sha256_file", lambda p: calls.append(p) or real(p))
+    assert load(path).reused and calls == [path]
