@@ -58,7 +58,7 @@ class _Net(NamedTuple):
 
     table0: object  # (V, H): W_xh^T + b_h of layer 0, gathered by row
     upper: list  # [(W_xh, b_h)] for layers 1..L-1
-    W_hh_T: list  # [(H, H)] transposed, contiguous, for the layers below the top
+    W_hh: list  # [(H, H)] contiguous and aligned, for the layers below the top
     W_top: object  # (H, H + V) = [W_hh^T of the top layer | W_ho^T / temperature]
     b_out: object  # (V,) = b_o / temperature, -inf for the unknown symbol so it is never drawn
 
@@ -68,8 +68,9 @@ def _prepare(params: dict, temperature: float, banned: int) -> _Net:
     by side: h_t W_top gives the logits of position t and the recurrent term of step t + 1 in one
     matrix product instead of two (one BLAS call fewer per character, which is what a sampler's
     time goes to: 32 streams of a 512-unit model spent 30% of each step in the separate head call).
-    W_top is made row-major: the concatenation of two transposed views comes out column-major,
-    and OpenBLAS multiplies 32 streams by that about 1.5x slower (195 vs 126 us at 512 units)."""
+    W_top is made row-major and 64-byte aligned (ops.aligned_copy): the concatenation of two
+    transposed views comes out column-major, and OpenBLAS multiplies 32 streams by that about
+    1.5x slower (195 vs 126 us at 512 units)."""
     spec = spec_of(params)
     t = params["out.W_ho"].dtype.type(1.0 / temperature)
     b_out = params["out.b_o"] * t
@@ -78,23 +79,23 @@ def _prepare(params: dict, temperature: float, banned: int) -> _Net:
     top = spec.L - 1
     return _Net(ops.row_table(params["layers.0.fwd.W_xh"], params["layers.0.fwd.b_h"]),
                 [(params[f"layers.{l}.fwd.W_xh"], params[f"layers.{l}.fwd.b_h"]) for l in range(1, spec.L)],
-                [np.ascontiguousarray(params[f"layers.{l}.fwd.W_hh"].T) for l in range(top)],
-                np.ascontiguousarray(np.concatenate([params[f"layers.{top}.fwd.W_hh"].T, params["out.W_ho"].T * t], axis=1)),
+                [ops.aligned_copy(params[f"layers.{l}.fwd.W_hh"]) for l in range(top)],
+                ops.aligned_copy(np.concatenate([params[f"layers.{top}.fwd.W_hh"].T, params["out.W_ho"].T * t], axis=1)),
                 b_out)
 
 
-def _step(net: _Net, c, h: list, spare: list, z):
+def _step(net: _Net, c, h: list, spare: list, z, scratch):
     """Advance every layer by one character c (n,); returns the logits (n, V) of the next one.
 
     z (n, H + V) holds h_top W_top from the previous step: its first H columns are the top
     layer's recurrent term for this step; the step overwrites z with the new product, whose last
-    V columns (plus b_out) are the logits. Layers below the top swap h and spare buffers, so
-    nothing is allocated per character.
+    V columns (plus b_out) are the logits. Layers below the top swap h and spare buffers and
+    use scratch (H, n) in their step, so nothing is allocated per character.
     """
     H = h[0].shape[1]
     inp = np.take(net.table0, c, axis=0)  # (n, H)
     for l in range(len(h) - 1):
-        ops.rnn_step_forward(h[l], inp, net.W_hh_T[l], out=spare[l])
+        ops.rnn_step_forward(h[l], inp, net.W_hh[l], spare[l], scratch)
         h[l], spare[l] = spare[l], h[l]
         W, b = net.upper[l]
         inp = h[l] @ W.T + b  # (n, H): input term of layer l + 1
@@ -126,12 +127,13 @@ def generate_ids(params: dict, vocab: Vocab, length: int, rng: np.random.Generat
     else:
         h = [np.zeros((n, spec.H), dtype=params["out.W_ho"].dtype) for _ in range(spec.L)]
     net, spare = _prepare(params, knobs.temperature, vocab.unk_id), [a.copy() for a in h]
+    scratch = ops.aligned_empty((spec.H, n), h[0].dtype)  # (H, n) for the layers below the top
     z = h[-1] @ net.W_top  # (n, H + V): the top layer's recurrent term for the first step
     c = ids[:, -1]
     for i in range(length):
         if i % UNIFORM_BLOCK == 0:
             uniforms = rng.random((UNIFORM_BLOCK, n))
-        c = pick(_step(net, c, h, spare, z), uniforms[i % UNIFORM_BLOCK], knobs)
+        c = pick(_step(net, c, h, spare, z, scratch), uniforms[i % UNIFORM_BLOCK], knobs)
         yield c
 
 
