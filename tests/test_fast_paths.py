@@ -170,12 +170,13 @@ def test_incremental_sampler_equals_full_recomputation(L):
 
 
 def test_sampler_tables_are_row_major_and_equal_the_parameters(rng):
-    """The stacked top-layer matrix is row-major (a column-major one is multiplied ~1.5x slower)
-    and is exactly [W_hh^T | W_ho^T / temperature]."""
+    """The stacked top-layer matrix is row-major and aligned (a column-major one is multiplied
+    ~1.5x slower) and is exactly [W_hh ; W_ho / temperature]."""
     params = model.init_params(9, 6, 2, False, rng, np.float64)
     net = sample._prepare(params, 0.5, banned=-1)
     assert net.W_top.flags.c_contiguous and all(W.flags.c_contiguous for W in net.W_hh)
-    np.testing.assert_array_equal(net.W_top, np.hstack([params["layers.1.fwd.W_hh"].T, params["out.W_ho"].T / 0.5]))
+    assert net.W_top.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(net.W_top, np.vstack([params["layers.1.fwd.W_hh"], params["out.W_ho"] / 0.5]))
 
 
 def test_step_flops_counts_the_matrix_products():
