@@ -49,7 +49,8 @@ def aligned_empty(shape, dtype, xp=np):
     dtype = np.dtype(dtype)
     n = math.prod(shape)
     buf = xp.empty(n + ALIGN // dtype.itemsize, dtype=dtype)
-    skip = (-buf.data.ptr if hasattr(buf.data, "ptr") else -buf.ctypes.data) % ALIGN // dtype.itemsize
+    address = buf.__array_interface__["data"][0] if xp is np else buf.data.ptr  # (not .ctypes: 10x slower)
+    skip = -address % ALIGN // dtype.itemsize
     return buf[skip : skip + n].reshape(shape)
 
 
@@ -161,22 +162,49 @@ class RNNCache(NamedTuple):
     W_hh: object  # (H, H)
 
 
-def rnn_step_forward(h_prev, pre_t, W_hh, out, scratch):
+FEATURE_MAJOR_MIN_H = 512  # from H = 512 on, the recurrence's products are written (H, N)
+
+
+class StepPlan(NamedTuple):
+    """How rnn_step_forward multiplies by W_hh, fixed once per window from the hidden size.
+
+    OpenBLAS (numpy's BLAS) writes the (H, N) result of W_hh h^T faster than the (N, H) result
+    of h W_hh^T for the larger models, and slower for the smaller ones. Measured here, per step
+    of 32 streams with the add and tanh: H = 512 152.9 vs 172.7 us (96-102 vs 113-155 us for the
+    product alone, the row-major one varying with how the two cores share the fresh h), H = 768
+    286 vs 302 us; but H = 256 54 vs 36 us and H = 128 15.9 vs 13.3 us, where the row-major form
+    stays. The choice depends on H only, so a run (and its resumption) always takes the same path;
+    both give the same numbers up to rounding, and are tested against the textbook loop.
+    """
+
+    W: object  # (H, H) contiguous: W_hh, 64-byte aligned (feature-major), or W_hh^T (row-major)
+    scratch: object  # (H, N) buffer for the feature-major product; None for the row-major form
+
+
+def step_plan(W_hh, N: int) -> StepPlan:
+    xp = array_module(W_hh)
+    H = W_hh.shape[0]
+    if H >= FEATURE_MAJOR_MIN_H:
+        return StepPlan(aligned_copy(W_hh), aligned_empty((H, N), W_hh.dtype, xp))
+    # small models: a plain contiguous copy (the aligned one cost W5, 1 x 100, 3% of its step)
+    return StepPlan(xp.ascontiguousarray(W_hh.T), None)
+
+
+def rnn_step_forward(h_prev, pre_t, plan: StepPlan, out):
     """One step, written into `out`: h_t = tanh(W_hh h_{t-1} + pre_t), batched as rows.
 
-    Inputs: h_prev (N, H), pre_t (N, H) = W_xh x_t + b_h, W_hh (H, H) contiguous and aligned
-    (aligned_copy, made once per window), out (N, H), scratch (H, N).
-
-    Why the detour through a feature-major scratch: the product is computed as W_hh h_{t-1}^T,
-    (H, H) x (H, N), whose (H, N) result OpenBLAS writes far faster than the (N, H) result of
-    h_{t-1} W_hh^T: 96-102 us against 113-155 us for N = 32, H = 512 (the row-major product is
-    both slower and erratic, depending on how the two cores share the freshly written h). The
-    add then reads the small, cache-resident scratch transposed and writes `out` row-major.
+    Inputs: h_prev (N, H), pre_t (N, H) = W_xh x_t + b_h, plan from step_plan (made once per
+    window), out (N, H). In the feature-major form the add reads the small, cache-resident
+    (H, N) product transposed and writes `out` row-major.
     The sampler calls this too, so both paths share one statement of the recurrence.
     """
     xp = array_module(out)
-    xp.matmul(W_hh, h_prev.T, out=scratch)  # (H, N): W_hh h_{t-1}, feature-major
-    xp.add(scratch.T, pre_t, out=out)  # (N, H)
+    if plan.scratch is not None:
+        xp.matmul(plan.W, h_prev.T, out=plan.scratch)  # (H, N): W_hh h_{t-1}, feature-major
+        xp.add(plan.scratch.T, pre_t, out=out)  # (N, H)
+    else:
+        xp.matmul(h_prev, plan.W, out=out)  # (N, H): h_{t-1} W_hh^T
+        out += pre_t
     xp.tanh(out, out=out)
     return out
 
@@ -192,12 +220,11 @@ def rnn_forward(pre, h0, W_hh):
     """
     xp = array_module(pre)
     S, N, H = pre.shape
-    hs = aligned_empty((S + 1, N, H), pre.dtype, xp)  # (S+1, N, H)
+    hs = xp.empty((S + 1, N, H), dtype=pre.dtype)  # (S+1, N, H)
     hs[0] = h0
-    W = aligned_copy(W_hh)  # (H, H): a parameter view can start anywhere in the flat vector
-    scratch = aligned_empty((H, N), pre.dtype, xp)  # (H, N)
+    plan = step_plan(W_hh, N)  # aligned copies: a parameter view can start anywhere in memory
     for t in range(S):
-        rnn_step_forward(hs[t], pre[t], W, hs[t + 1], scratch)
+        rnn_step_forward(hs[t], pre[t], plan, hs[t + 1])
     return hs, RNNCache(hs, W_hh)
 
 
@@ -211,23 +238,31 @@ def rnn_backward(dh, cache: RNNCache):
     h_{t+1} (dh_next); through tanh it is multiplied by 1 - h_t^2 (tanh' from its output);
     that gives dpre[t], and dh_next = dpre[t] W_hh (the diag(tanh') W_hh Jacobian of the
     design notes). dW_hh = sum_t dpre[t]^T h_{t-1} is summed over time after the loop as one
-    (H, S*N) x (S*N, H) product. dh_next is kept feature-major, (H, N) = W_hh^T dpre[t]^T, for
-    the reason given in rnn_step_forward.
+    (H, S*N) x (S*N, H) product. From H = FEATURE_MAJOR_MIN_H on, dh_next is kept feature-major,
+    (H, N) = W_hh^T dpre[t]^T, for the reason given in StepPlan.
     """
     xp = array_module(dh)
     hs, W_hh = cache
-    W_T = aligned_copy(W_hh.T)  # (H, H)
     S, N, H = dh.shape
     dpre = xp.multiply(hs[1:], hs[1:])  # (S, N, H): h_t^2 ...
     xp.subtract(1, dpre, out=dpre)  # ... -> tanh'(a_t) = 1 - h_t^2, for all steps in one pass
-    dh_next = xp.zeros((H, N), dtype=dh.dtype)  # (H, N): nothing flows back from beyond the window
     dh_t = xp.empty((N, H), dtype=dh.dtype)  # (N, H) scratch
-    for t in range(S - 1, -1, -1):
-        xp.add(dh[t], dh_next.T, out=dh_t)
-        xp.multiply(dpre[t], dh_t, out=dpre[t])
-        xp.matmul(W_T, dpre[t].T, out=dh_next)
+    if H >= FEATURE_MAJOR_MIN_H:
+        W_T = aligned_copy(W_hh.T)  # (H, H)
+        dh_next = xp.zeros((H, N), dtype=dh.dtype)  # (H, N): nothing flows back from beyond the window
+        for t in range(S - 1, -1, -1):
+            xp.add(dh[t], dh_next.T, out=dh_t)
+            xp.multiply(dpre[t], dh_t, out=dpre[t])
+            xp.matmul(W_T, dpre[t].T, out=dh_next)
+        dh_next = xp.ascontiguousarray(dh_next.T)  # (N, H)
+    else:
+        dh_next = xp.zeros((N, H), dtype=dh.dtype)  # (N, H)
+        for t in range(S - 1, -1, -1):
+            xp.add(dh[t], dh_next, out=dh_t)
+            xp.multiply(dpre[t], dh_t, out=dpre[t])
+            xp.matmul(dpre[t], W_hh, out=dh_next)
     dW_hh = dpre.reshape(S * N, H).T @ hs[:-1].reshape(S * N, H)  # (H, H)
-    return dpre, xp.ascontiguousarray(dh_next.T), dW_hh
+    return dpre, dh_next, dW_hh
 
 
 # ---- dropout ----------------------------------------------------------------------------------

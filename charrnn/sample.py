@@ -58,52 +58,59 @@ class _Net(NamedTuple):
 
     table0: object  # (V, H): W_xh^T + b_h of layer 0, gathered by row
     upper: list  # [(W_xh, b_h)] for layers 1..L-1
-    W_hh: list  # [(H, H)] contiguous and aligned, for the layers below the top
-    W_top: object  # (H + V, H) = [W_hh of the top layer ; W_ho / temperature], stacked rows
+    plans: list  # [ops.StepPlan] for the layers below the top
+    W_top: object  # [W_hh of the top layer ; W_ho / temperature]: (H + V, H), or its transpose
+    top_fm: bool  # True: W_top is (H + V, H) and its product is written feature-major
     b_out: object  # (V,) = b_o / temperature, -inf for the unknown symbol so it is never drawn
 
 
-def _prepare(params: dict, temperature: float, banned: int) -> _Net:
+def _prepare(params: dict, temperature: float, banned: int, n: int) -> _Net:
     """Tables for _step. The top layer's recurrent matrix and the output matrix are stacked: one
     product W_top h_t gives the recurrent term of step t + 1 and the logits of position t
     (one BLAS call fewer per character, which is what a sampler's time goes to: 32 streams of a
     512-unit model spent 30% of each step in the separate head call). W_top is row-major and
-    64-byte aligned, and its product is written feature-major, (H + V, n), for the reasons in
-    ops.rnn_step_forward: 147 vs 153 us a step for 32 streams, 19.4 vs 20.2 us for one."""
+    64-byte aligned; from H = ops.FEATURE_MAJOR_MIN_H on, its product is written feature-major,
+    (H + V, n), for the reasons in ops.StepPlan (at H = 512: 147 vs 153 us a step for 32 streams,
+    19.4 vs 20.2 us for one)."""
     spec = spec_of(params)
     t = params["out.W_ho"].dtype.type(1.0 / temperature)
     b_out = params["out.b_o"] * t
     if banned >= 0:
         b_out[banned] = -np.inf
     top = spec.L - 1
+    stacked = np.concatenate([params[f"layers.{top}.fwd.W_hh"], params["out.W_ho"] * t], axis=0)  # (H + V, H)
+    top_fm = spec.H >= ops.FEATURE_MAJOR_MIN_H
     return _Net(ops.row_table(params["layers.0.fwd.W_xh"], params["layers.0.fwd.b_h"]),
                 [(params[f"layers.{l}.fwd.W_xh"], params[f"layers.{l}.fwd.b_h"]) for l in range(1, spec.L)],
-                [ops.aligned_copy(params[f"layers.{l}.fwd.W_hh"]) for l in range(top)],
-                ops.aligned_copy(np.concatenate([params[f"layers.{top}.fwd.W_hh"], params["out.W_ho"] * t], axis=0)),
-                b_out)
+                [ops.step_plan(params[f"layers.{l}.fwd.W_hh"], n) for l in range(top)],
+                ops.aligned_copy(stacked if top_fm else stacked.T), top_fm, b_out)
 
 
-def _step(net: _Net, c, h: list, spare: list, z, scratch):
+def _step(net: _Net, c, h: list, spare: list, z):
     """Advance every layer by one character c (n,); returns the logits (n, V) of the next one.
 
-    z (H + V, n) holds W_top h_top from the previous step: its first H rows are the top layer's
-    recurrent term for this step; the step overwrites z with the new product, whose last V rows
-    (plus b_out) are the logits. Layers below the top swap h and spare buffers and use scratch
-    (H, n) in their step, so nothing is allocated per character.
+    z holds the top layer's product from the previous step, (H + V, n) feature-major or (n, H + V):
+    its first H rows (columns) are the top layer's recurrent term for this step; the step
+    overwrites z with the new product, whose last V rows (columns) plus b_out are the logits.
+    Layers below the top swap h and spare buffers, so only the logits are allocated per step.
     """
     H = h[0].shape[1]
     inp = np.take(net.table0, c, axis=0)  # (n, H)
     for l in range(len(h) - 1):
-        ops.rnn_step_forward(h[l], inp, net.W_hh[l], spare[l], scratch)
+        ops.rnn_step_forward(h[l], inp, net.plans[l], spare[l])
         h[l], spare[l] = spare[l], h[l]
         W, b = net.upper[l]
         inp = h[l] @ W.T + b  # (n, H): input term of layer l + 1
     top = h[-1]
-    np.add(z[:H].T, inp, out=top)  # h_t = tanh(W_hh h_{t-1} + W_xh x_t + b_h) for the top layer
+    if net.top_fm:
+        np.add(z[:H].T, inp, out=top)  # h_t = tanh(W_hh h_{t-1} + W_xh x_t + b_h) for the top layer
+        np.tanh(top, out=top)
+        np.matmul(net.W_top, top.T, out=z)  # (H + V, n)
+        return z[H:].T + net.b_out  # (n, V) logits, a new row-major array
+    np.add(z[:, :H], inp, out=top)  # the same, with z row-major
     np.tanh(top, out=top)
-    np.matmul(net.W_top, top.T, out=z)  # (H + V, n)
-    logits = z[H:].T + net.b_out  # (n, V), a new row-major array
-    return logits
+    np.matmul(top, net.W_top, out=z)  # (n, H + V)
+    return z[:, H:] + net.b_out
 
 
 def generate_ids(params: dict, vocab: Vocab, length: int, rng: np.random.Generator, n: int = 1,
@@ -124,14 +131,13 @@ def generate_ids(params: dict, vocab: Vocab, length: int, rng: np.random.Generat
         h = [a.copy() for a in h0["fwd"]]
     else:
         h = [np.zeros((n, spec.H), dtype=params["out.W_ho"].dtype) for _ in range(spec.L)]
-    net, spare = _prepare(params, knobs.temperature, vocab.unk_id), [a.copy() for a in h]
-    scratch = ops.aligned_empty((spec.H, n), h[0].dtype)  # (H, n) for the layers below the top
-    z = net.W_top @ h[-1].T  # (H + V, n): the top layer's recurrent term for the first step
+    net, spare = _prepare(params, knobs.temperature, vocab.unk_id, n), [a.copy() for a in h]
+    z = net.W_top @ h[-1].T if net.top_fm else h[-1] @ net.W_top  # the top's recurrent term for step 1
     c = ids[:, -1]
     for i in range(length):
         if i % UNIFORM_BLOCK == 0:
             uniforms = rng.random((UNIFORM_BLOCK, n))
-        c = pick(_step(net, c, h, spare, z, scratch), uniforms[i % UNIFORM_BLOCK], knobs)
+        c = pick(_step(net, c, h, spare, z), uniforms[i % UNIFORM_BLOCK], knobs)
         yield c
 
 

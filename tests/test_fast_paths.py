@@ -26,11 +26,25 @@ def test_sorted_scatter_add_equals_add_at(rng, V, M):
     np.testing.assert_allclose(fast, slow, rtol=1e-12, atol=1e-12)
 
 
-def test_rnn_step_through_a_feature_major_scratch_equals_the_formula(rng):
+@pytest.fixture(params=["row-major", "feature-major"])
+def form(request, monkeypatch):
+    """Run a test with each form of the recurrence's product (ops.StepPlan)."""
+    monkeypatch.setattr(ops, "FEATURE_MAJOR_MIN_H", 10**9 if request.param == "row-major" else 1)
+    return request.param
+
+
+def test_rnn_step_in_either_form_equals_the_formula(rng, form):
     h, pre, W = rng.standard_normal((3, 4)), rng.standard_normal((3, 4)), rng.standard_normal((4, 4))
-    out, scratch = np.empty((3, 4)), np.empty((4, 3))
-    ops.rnn_step_forward(h, pre, ops.aligned_copy(W), out, scratch)
+    out = np.empty((3, 4))
+    plan = ops.step_plan(W, 3)
+    assert (plan.scratch is not None) == (form == "feature-major") and plan.W.ctypes.data % 64 == 0
+    ops.rnn_step_forward(h, pre, plan, out)
     np.testing.assert_allclose(out, np.tanh(h @ W.T + pre), rtol=1e-13)
+
+
+def test_the_form_follows_the_hidden_size():
+    assert ops.step_plan(np.eye(ops.FEATURE_MAJOR_MIN_H, dtype=np.float32), 2).scratch.shape == (ops.FEATURE_MAJOR_MIN_H, 2)
+    assert ops.step_plan(np.eye(ops.FEATURE_MAJOR_MIN_H - 1, dtype=np.float32), 2).scratch is None
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -45,7 +59,7 @@ def test_aligned_arrays_start_on_a_cache_line_and_copy_exactly(rng, dtype, shape
         assert e.shape == shape and e.ctypes.data % 64 == 0 and e.flags.c_contiguous
 
 
-def test_rnn_loops_equal_a_plain_float64_recurrence(rng):
+def test_rnn_loops_equal_a_plain_float64_recurrence(rng, form):
     """rnn_forward / rnn_backward (aligned copies, feature-major products) against the textbook
     loop: h_t = tanh(W h_{t-1} + pre_t); dpre_t = (dh_t + dpre_{t+1} W) (1 - h_t^2)."""
     S, N, H = 6, 3, 5
@@ -160,7 +174,7 @@ def _naive_generate(params, vocab, length, rng, prime):
 
 
 @pytest.mark.parametrize("L", [1, 2])
-def test_incremental_sampler_equals_full_recomputation(L):
+def test_incremental_sampler_equals_full_recomputation(L, form):
     """The per-character step (prepared tables, swapped buffers) generates exactly what running
     model.forward over the whole text again at every step generates."""
     vocab = Vocab(list("abcdefgh"))
@@ -169,14 +183,15 @@ def test_incremental_sampler_equals_full_recomputation(L):
     assert fast == _naive_generate(params, vocab, 40, np.random.default_rng(5), "abc")
 
 
-def test_sampler_tables_are_row_major_and_equal_the_parameters(rng):
+def test_sampler_tables_are_row_major_and_equal_the_parameters(rng, form):
     """The stacked top-layer matrix is row-major and aligned (a column-major one is multiplied
     ~1.5x slower) and is exactly [W_hh ; W_ho / temperature]."""
     params = model.init_params(9, 6, 2, False, rng, np.float64)
-    net = sample._prepare(params, 0.5, banned=-1)
-    assert net.W_top.flags.c_contiguous and all(W.flags.c_contiguous for W in net.W_hh)
-    assert net.W_top.ctypes.data % 64 == 0
-    np.testing.assert_array_equal(net.W_top, np.vstack([params["layers.1.fwd.W_hh"], params["out.W_ho"] / 0.5]))
+    net = sample._prepare(params, 0.5, banned=-1, n=3)
+    assert net.W_top.flags.c_contiguous and net.W_top.ctypes.data % 64 == 0
+    assert all(p.W.flags.c_contiguous and p.W.ctypes.data % 64 == 0 for p in net.plans)
+    stacked = np.vstack([params["layers.1.fwd.W_hh"], params["out.W_ho"] / 0.5])
+    np.testing.assert_array_equal(net.W_top, stacked if net.top_fm else stacked.T)
 
 
 def test_step_flops_counts_the_matrix_products():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from charrnn import model
+from charrnn import model, ops
 from charrnn.gradcheck import numeric_gradient, rel_error, worst
 
 V, H, N, T = 6, 4, 2, 4
@@ -80,10 +80,13 @@ def worst_errors() -> dict[str, float]:
             for kind in KINDS}
 
 
+@pytest.mark.parametrize("form", ["row-major", "feature-major"])
 @pytest.mark.parametrize("dropout", [False, True], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("carried", [False, True], ids=["h0-zero", "h0-carried"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_loss_and_grads_match_numeric(kind, carried, dropout):
+def test_loss_and_grads_match_numeric(kind, carried, dropout, form, monkeypatch):
+    # both forms of the recurrence's products (ops.StepPlan); small H would pick the row-major one
+    monkeypatch.setattr(ops, "FEATURE_MAJOR_MIN_H", 10**9 if form == "row-major" else 1)
     errors = model_errors(kind, carried, dropout)
     L, bidirectional = KINDS[kind]
     assert len(errors) == len(model.param_shapes(V, H, L, bidirectional)) + L * (2 if bidirectional else 1)
