@@ -37,7 +37,9 @@ def test_rnn_step_in_either_form_equals_the_formula(rng, form):
     h, pre, W = rng.standard_normal((3, 4)), rng.standard_normal((3, 4)), rng.standard_normal((4, 4))
     out = np.empty((3, 4))
     plan = ops.step_plan(W, 3)
-    assert (plan.scratch is not None) == (form == "feature-major") and plan.W.ctypes.data % 64 == 0
+    assert (plan.scratch is not None) == (form == "feature-major") and plan.W.flags.c_contiguous
+    if form == "feature-major":  # where the alignment matters (ops.aligned_empty)
+        assert plan.W.ctypes.data % 64 == 0 and plan.scratch.ctypes.data % 64 == 0
     ops.rnn_step_forward(h, pre, plan, out)
     np.testing.assert_allclose(out, np.tanh(h @ W.T + pre), rtol=1e-13)
 
@@ -189,7 +191,7 @@ def test_sampler_tables_are_row_major_and_equal_the_parameters(rng, form):
     params = model.init_params(9, 6, 2, False, rng, np.float64)
     net = sample._prepare(params, 0.5, banned=-1, n=3)
     assert net.W_top.flags.c_contiguous and net.W_top.ctypes.data % 64 == 0
-    assert all(p.W.flags.c_contiguous and p.W.ctypes.data % 64 == 0 for p in net.plans)
+    assert all(p.W.flags.c_contiguous for p in net.plans)
     stacked = np.vstack([params["layers.1.fwd.W_hh"], params["out.W_ho"] / 0.5])
     np.testing.assert_array_equal(net.W_top, stacked if net.top_fm else stacked.T)
 
