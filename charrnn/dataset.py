@@ -135,11 +135,11 @@ def _remove_abandoned_builds(entry: Path) -> None:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:  # exists, owned by another user
-        return True
+    except PermissionError:  # it exists, owned by another user
+        pass
     return True
 
 

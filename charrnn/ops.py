@@ -41,15 +41,15 @@ ALIGN = 64  # bytes: one cache line
 def aligned_empty(shape, dtype, xp=np):
     """An uninitialized C-ordered array whose data starts on a 64-byte boundary.
 
-    malloc aligns to 16 bytes only, and OpenBLAS multiplies by a misaligned weight matrix up to
-    35% slower at the recurrence's shapes (measured, (32,512) x (512,512): 112 us aligned, 147-155
-    us at offsets 16, 32 or 48). Which offset an array gets depends on the process's allocation
-    history, so without this the same run was fast in one process and slow in the next.
+    malloc aligns to 16 bytes only, and OpenBLAS multiplied by a misaligned weight matrix up to
+    35% slower at the recurrence's shapes (measured, (32,512) x (512,512): 112 us aligned, 120 or
+    147-155 us at offsets 16, 32 or 48, varying from process to process). Which offset an array
+    gets depends on the process's allocation history.
     """
     dtype = np.dtype(dtype)
     n = math.prod(shape)
     buf = xp.empty(n + ALIGN // dtype.itemsize, dtype=dtype)
-    address = buf.__array_interface__["data"][0] if xp is np else buf.data.ptr  # (not .ctypes: 10x slower)
+    address = buf.__array_interface__["data"][0] if xp is np else buf.data.ptr
     skip = -address % ALIGN // dtype.itemsize
     return buf[skip : skip + n].reshape(shape)
 
@@ -222,7 +222,7 @@ def rnn_forward(pre, h0, W_hh):
     S, N, H = pre.shape
     hs = xp.empty((S + 1, N, H), dtype=pre.dtype)  # (S+1, N, H)
     hs[0] = h0
-    plan = step_plan(W_hh, N)  # aligned copies: a parameter view can start anywhere in memory
+    plan = step_plan(W_hh, N)  # the weight copy (and scratch) the steps multiply with
     for t in range(S):
         rnn_step_forward(hs[t], pre[t], plan, hs[t + 1])
     return hs, RNNCache(hs, W_hh)
