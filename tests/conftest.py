@@ -106,6 +106,14 @@ class Tiny:
         return config.load(None, cls.sets(corpus, *extra, cache_dir=cache_dir))
 
 
+@pytest.fixture(scope="module")
+def corpus(request, tmp_path_factory) -> Path:
+    """words.txt holding the test module's WORDS text, written once per module."""
+    path = tmp_path_factory.mktemp("corpus") / "words.txt"
+    path.write_text(request.module.WORDS, encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny() -> type[Tiny]:
     """Tiny.sets / Tiny.args / Tiny.config(corpus, *extra_sets): tiny-run configuration."""

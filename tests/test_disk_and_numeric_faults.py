@@ -26,13 +26,6 @@ RUN = ("train.max_steps=30", "train.log_every=5", "train.eval_every=10", "train.
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "words.txt"
-    path.write_text(WORDS, encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus, tiny):
     """The uninterrupted run that every faulted-then-resumed run must end up identical to."""
     run = tmp_path_factory.mktemp("reference") / "run"

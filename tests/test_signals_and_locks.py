@@ -16,13 +16,6 @@ WORDS = " ".join(["alpha", "beta", "gamma", "delta", "fox", "dog", "cat", "tree"
 LONG = ("train.max_steps=1000000", "train.log_every=5", "train.eval_every=0", "train.checkpoint_every=0")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "words.txt"
-    path.write_text(WORDS, encoding="utf-8")
-    return path
-
-
 def snapshot(directory):
     return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 

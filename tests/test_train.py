@@ -52,13 +52,6 @@ def stop_after(k: int):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "words.txt"
-    path.write_text(WORDS, encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def module_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
