@@ -165,6 +165,11 @@ class RNNCache(NamedTuple):
 FEATURE_MAJOR_MIN_H = 512  # from H = 512 on, the recurrence's products are written (H, N)
 
 
+def feature_major(H: int) -> bool:
+    """Whether products with an (H, H) recurrent matrix are written (H, N); see StepPlan."""
+    return H >= FEATURE_MAJOR_MIN_H
+
+
 class StepPlan(NamedTuple):
     """How rnn_step_forward multiplies by W_hh, fixed once per window from the hidden size.
 
@@ -184,7 +189,7 @@ class StepPlan(NamedTuple):
 def step_plan(W_hh, N: int) -> StepPlan:
     xp = array_module(W_hh)
     H = W_hh.shape[0]
-    if H >= FEATURE_MAJOR_MIN_H:
+    if feature_major(H):
         return StepPlan(aligned_copy(W_hh), aligned_empty((H, N), W_hh.dtype, xp))
     # small models: a plain contiguous copy (the aligned one cost W5, 1 x 100, 3% of its step)
     return StepPlan(xp.ascontiguousarray(W_hh.T), None)
@@ -247,7 +252,7 @@ def rnn_backward(dh, cache: RNNCache):
     dpre = xp.multiply(hs[1:], hs[1:])  # (S, N, H): h_t^2 ...
     xp.subtract(1, dpre, out=dpre)  # ... -> tanh'(a_t) = 1 - h_t^2, for all steps in one pass
     dh_t = xp.empty((N, H), dtype=dh.dtype)  # (N, H) scratch
-    if H >= FEATURE_MAJOR_MIN_H:
+    if feature_major(H):
         W_T = aligned_copy(W_hh.T)  # (H, H)
         dh_next = xp.zeros((H, N), dtype=dh.dtype)  # (H, N): nothing flows back from beyond the window
         for t in range(S - 1, -1, -1):

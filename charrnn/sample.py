@@ -79,7 +79,7 @@ def _prepare(params: dict, temperature: float, banned: int, n: int) -> _Net:
         b_out[banned] = -np.inf
     top = spec.L - 1
     stacked = np.concatenate([params[f"layers.{top}.fwd.W_hh"], params["out.W_ho"] * t], axis=0)  # (H + V, H)
-    top_fm = spec.H >= ops.FEATURE_MAJOR_MIN_H
+    top_fm = ops.feature_major(spec.H)
     return _Net(ops.row_table(params["layers.0.fwd.W_xh"], params["layers.0.fwd.b_h"]),
                 [(params[f"layers.{l}.fwd.W_xh"], params[f"layers.{l}.fwd.b_h"]) for l in range(1, spec.L)],
                 [ops.step_plan(params[f"layers.{l}.fwd.W_hh"], n) for l in range(top)],
