@@ -33,13 +33,13 @@ def synthetic_data(V: int, n: int = 1_000_000, seed: int = 0) -> dataset.Dataset
 def step_flops(spec: model.Spec, N: int, T: int) -> float:
     """Floating-point operations of one training step's matrix products (2 per multiply-add).
 
-    Per tower layer running S steps: forward h W_hh^T, backward dh W_hh and dW_hh, each
-    2*S*N*H*H; layers above 0 add their input product forward, its input gradient and its
-    weight gradient. The head is three (T*N, H*dirs) x (H*dirs, V) products.
+    Each tower layer's count is its cell's (cells/base.py: the recurrent product, its input
+    gradient and dW_hh; above layer 0 the same for the input product). The head is three
+    (T*N, H*dirs) x (H*dirs, V) products.
     """
     S = T - 1 if spec.bidirectional else T
     H, dirs = spec.H, len(spec.dirs)
-    per_tower = sum(3 * 2 * S * N * H * H + (3 * 2 * S * N * H * H if l > 0 else 0) for l in range(spec.L))
+    per_tower = sum(spec.unit.flops(S, N, H, H, lookup=l == 0) for l in range(spec.L))
     return dirs * per_tower + 3 * 2 * T * N * H * dirs * spec.V
 
 
@@ -72,10 +72,10 @@ def _time_training(ctx, state, steps: int, warmup: int, seconds: float = 0.0) ->
     return times
 
 
-def _time_sampling(params, vocab, chars: int, n: int) -> float:
+def _time_sampling(spec, params, vocab, chars: int, n: int) -> float:
     """Characters per second (all streams together) of generating `chars` steps of n streams."""
     rng = np.random.default_rng(0)
-    steps = generate(params, vocab, chars, rng, n, knobs=Knobs())
+    steps = generate(spec, params, vocab, chars, rng, n, knobs=Knobs())
     next(steps)  # the prime pass is not part of the rate
     t0 = time.perf_counter()
     count = sum(1 for _ in steps)
@@ -93,7 +93,7 @@ def run(cfg: Config, steps: int = 30, warmup: int = 5, vocab_size: int | None = 
     N, T = ctx.N, cfg.train.seq_len
     med = statistics.median(times)
     rate = gemm_rate(N * T, ctx.spec.H, ctx.dtype)
-    result = {"config": {"hidden_size": ctx.spec.H, "num_layers": ctx.spec.L, "bidirectional": ctx.spec.bidirectional,
+    result = {"config": {"cell": ctx.spec.cell, "hidden_size": ctx.spec.H, "num_layers": ctx.spec.L, "bidirectional": ctx.spec.bidirectional,
                          "vocab": ctx.spec.V, "batch_size": N, "seq_len": T, "optimizer": cfg.train.optimizer,
                          "dtype": cfg.train.dtype},
               "steps_timed": len(times), "train_chars_per_sec": N * T / med,
@@ -101,8 +101,8 @@ def run(cfg: Config, steps: int = 30, warmup: int = 5, vocab_size: int | None = 
               "step_ms": med * 1e3, "gemm_gflops": rate / 1e9,
               "gemm_fraction": step_flops(ctx.spec, N, T) / med / rate}
     if not ctx.spec.bidirectional:
-        result["sample_chars_per_sec"] = _time_sampling(state.params, data.vocab, sample_chars, 1)
-        result[f"sample_{streams}_streams_chars_per_sec"] = _time_sampling(state.params, data.vocab, sample_chars // 4, streams)
+        result["sample_chars_per_sec"] = _time_sampling(ctx.spec, state.params, data.vocab, sample_chars, 1)
+        result[f"sample_{streams}_streams_chars_per_sec"] = _time_sampling(ctx.spec, state.params, data.vocab, sample_chars // 4, streams)
     else:
         result["sample_chars_per_sec"] = None  # cloze models fill gaps; they do not sample left to right
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -3,8 +3,13 @@
 Entries:
     <parameter name>           e.g. layers.0.fwd.W_xh, out.W_ho (model.param_shapes)
     optim/<slot>/<name>        optimizer state per parameter (adam: m, v; sgd: velocity; ...)
-    state/<direction>/<layer>  the hidden state carried into the next training window
+    state/<direction>/<layer>  the recurrent state carried into the next training window: (N, k*H),
+                               the cell's state blocks side by side (rnn, gru: h; lstm: [h | c],
+                               so columns H..2H are the LSTM's c)
     meta                       a 0-d unicode array holding one JSON object (see README)
+
+Format versions: 1 (vanilla cells only; its config has no model.cell) and 2 (model.cell names the
+cell). Version-1 files load as rnn models, unchanged.
 
 Nothing is ever unpickled. Loading checks everything before trusting it: the zip directory's
 declared sizes against the shapes the metadata implies and their sum against the machine's
@@ -24,12 +29,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from charrnn import atomic, config
+from charrnn import atomic, config, model
 from charrnn.errors import CharRNNError, CheckpointError
-from charrnn.model import param_shapes
 from charrnn.vocab import Vocab
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_MAX_BYTES = 64 << 20
 HEADER_SLACK = 4096  # bytes an .npy header may add to the raw array data
 FLOAT_DTYPES = ("float32", "float64")
@@ -41,6 +45,7 @@ class Checkpoint(NamedTuple):
     state: dict  # direction -> [array per layer]
     meta: dict
     path: Path
+    spec: model.Spec  # the architecture, from meta
 
 
 def resolve(target: str | Path) -> Path:
@@ -157,13 +162,9 @@ def read_meta(target: str | Path) -> dict:
         raise _fail(path, "not a valid .npz file (corrupted, truncated or unreadable)") from None
 
 
-def expected_shapes(meta: dict) -> dict:
-    """Parameter shapes that the metadata (vocab and model config) implies."""
-    try:
-        model = meta["config"]["model"]
-        return param_shapes(len(meta["vocab"]), int(model["hidden_size"]), int(model["num_layers"]), bool(model["bidirectional"]))
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError("meta lacks vocab or config.model (hidden_size, num_layers, bidirectional)") from None
+def spec_of_meta(meta: dict) -> model.Spec:
+    """The architecture that checked metadata (vocab and model config) describes."""
+    return model.spec_of_config(len(meta["vocab"]), config.from_dict(meta["config"], "meta").model)
 
 
 def _check_meta(path: Path, meta: dict) -> None:
@@ -187,16 +188,15 @@ def _check_meta(path: Path, meta: dict) -> None:
                           f"{cfg.model.bidirectional}")
 
 
-def _allowed_entries(meta: dict, shapes: dict) -> dict:
+def _allowed_entries(meta: dict, spec: model.Spec, shapes: dict) -> dict:
     """Every entry a checkpoint with this metadata may hold, with its maximal size in bytes."""
     allowed = {f"{name}.npy": 8 * math.prod(s) for name, s in shapes.items()}
     for name, s in shapes.items():
         for slot in ("velocity", "sum_sq", "mean_sq", "m", "v"):
             allowed[f"optim/{slot}/{name}.npy"] = 8 * math.prod(s)
-    H = int(meta["config"]["model"]["hidden_size"])
-    for d in ("fwd", "bwd"):
-        for l in range(int(meta["config"]["model"]["num_layers"])):
-            allowed[f"state/{d}/{l}.npy"] = 8 * H * int(meta["config"]["train"]["batch_size"])
+    for d in spec.dirs:
+        for l in range(spec.L):
+            allowed[f"state/{d}/{l}.npy"] = 8 * spec.state_size * int(meta["config"]["train"]["batch_size"])
     return {k: v + HEADER_SLACK for k, v in allowed.items()}
 
 
@@ -207,11 +207,9 @@ def load(target: str | Path, with_training_state: bool = True) -> Checkpoint:
         with zipfile.ZipFile(path) as zf:
             meta = _read_meta(path, zf)
             _check_meta(path, meta)
-            try:
-                shapes = expected_shapes(meta)
-                allowed = _allowed_entries(meta, shapes)
-            except CheckpointError as e:
-                raise _fail(path, str(e)) from None
+            spec = spec_of_meta(meta)
+            shapes = model.param_shapes(spec)
+            allowed = _allowed_entries(meta, spec, shapes)
             for info in zf.infolist():
                 if info.filename == "meta.npy":
                     continue
@@ -236,10 +234,11 @@ def load(target: str | Path, with_training_state: bool = True) -> Checkpoint:
         raise _fail(path, "not a valid .npz file (corrupted or truncated)") from None
     except (ValueError, EOFError, OSError, RuntimeError, NotImplementedError) as e:
         raise _fail(path, f"unreadable entry ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    return _check(path, arrays, meta, shapes)
+    return _check(path, arrays, meta, spec)
 
 
-def _check(path: Path, arrays: dict, meta: dict, shapes: dict) -> Checkpoint:
+def _check(path: Path, arrays: dict, meta: dict, spec: model.Spec) -> Checkpoint:
+    shapes = model.param_shapes(spec)
     params, optim, state = {}, {}, {}
     dtype = None
     for name, shape in shapes.items():
@@ -247,7 +246,8 @@ def _check(path: Path, arrays: dict, meta: dict, shapes: dict) -> Checkpoint:
             raise _fail(path, f"missing parameter {name}")
         a = arrays[name]
         if a.shape != tuple(shape):
-            raise _fail(path, f"parameter {name} has shape {a.shape}, expected {tuple(shape)}")
+            raise _fail(path, f"parameter {name} has shape {a.shape}, but its meta describes a {spec.cell} model "
+                              f"that needs {tuple(shape)}")
         if a.dtype.name not in FLOAT_DTYPES or (dtype is not None and a.dtype != dtype):
             raise _fail(path, f"parameter {name} has dtype {a.dtype}, expected one float dtype (float32 or float64) for all")
         if not np.isfinite(a).all():
@@ -261,10 +261,10 @@ def _check(path: Path, arrays: dict, meta: dict, shapes: dict) -> Checkpoint:
                 raise _fail(path, f"optimizer entry {key} has shape {a.shape} / dtype {a.dtype}, expected {tuple(shapes[parts[2]])} / {dtype}")
             optim.setdefault(parts[1], {})[parts[2]] = a
         elif parts[0] == "state":
-            if a.ndim != 2 or a.shape[1] != shapes["layers.0.fwd.W_hh"][0] or a.dtype != dtype:
+            if a.ndim != 2 or a.shape[1] != spec.state_size or a.dtype != dtype:
                 raise _fail(path, f"state entry {key} has shape {a.shape} / dtype {a.dtype}")
             state.setdefault(parts[1], {})[int(parts[2])] = a
         if parts[0] in ("optim", "state") and not np.isfinite(a).all():
             raise _fail(path, f"entry {key} holds NaN or Inf values")
     state = {d: [layers[l] for l in sorted(layers)] for d, layers in state.items()}
-    return Checkpoint(params, optim, state, meta, path)
+    return Checkpoint(params, optim, state, meta, path, spec)

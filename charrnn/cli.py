@@ -195,11 +195,11 @@ def sample(target, length, temperature, top_k, top_p, prime, seed, greedy, n, st
     out = sys.stdout.buffer  # click.get_binary_stream is deprecated since Click 8.5 (removed in 9.0)
     if infill is not None:
         _prime_ids_check(infill.replace(mask, ""), vocab, "--infill")
-        text = fill(ck.params, vocab, infill, rng, mask, int(ck.meta["config"]["train"]["seq_len"]), knobs)
+        text = fill(ck.spec, ck.params, vocab, infill, rng, mask, int(ck.meta["config"]["train"]["seq_len"]), knobs)
         out.write((text + "\n").encode("utf-8"))
         return
     _prime_ids_check(prime, vocab)
-    _write_samples(out, generate(ck.params, vocab, length, rng, n, prime, knobs), n, prime, stop)
+    _write_samples(out, generate(ck.spec, ck.params, vocab, length, rng, n, prime, knobs), n, prime, stop)
 
 
 def _write_samples(out, steps, n: int, prime: str, stop: str | None) -> None:
@@ -266,7 +266,7 @@ def eval_(target, corpus, split, as_json):
         if ids is None:
             raise UsageError("the run has no validation text (data.val_fraction = 0); use --split train or --corpus FILE")
         unk_rate = float(np.mean(ids == vocab.unk_id)) if vocab.unk is not None and len(ids) else 0.0
-    res = evaluate.evaluate_ids(ck.params, ids, cfg.train.seq_len, unk_rate)
+    res = evaluate.evaluate_ids(ck.spec, ck.params, ids, cfg.train.seq_len, unk_rate)
     if as_json:
         click.echo(json.dumps(res.as_dict()))
         return
@@ -309,7 +309,7 @@ def diagnose_(target, corpus, windows, length, plot_path, as_json):
     ck = checkpoint.load(target, with_training_state=False)
     cfg = config.from_dict(ck.meta["config"], str(ck.path))
     ids, source = _text_ids(ck, cfg, corpus)
-    prof = diagnose.profile(ck.params, ids, windows, length or cfg.train.seq_len)
+    prof = diagnose.profile(ck.spec, ck.params, ids, windows, length or cfg.train.seq_len)
     if plot_path is not None:
         from charrnn.plot import plot_profile
 

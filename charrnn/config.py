@@ -42,11 +42,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    cell: str = _f("rnn", "recurrent cell: rnn (tanh), lstm or gru (gated, for long-range memory)",
+                   choices=("rnn", "lstm", "gru"))
     hidden_size: int = _f(256, "H: width of each recurrent layer (per direction)", ge=1, le=16384)
     num_layers: int = _f(1, "L: stacked layers; layer l reads layer l-1's h_t", ge=1, le=64)
     bidirectional: bool = _f(False, "two towers, one per direction: a gap-filling (cloze) model, not a next-char one")
     dropout: float = _f(0.0, "inverted dropout between layers and before the output; off at evaluation", ge=0.0, lt=1.0)
-    init_scale: float = _f(1.0, "multiplies the 1/sqrt(fan_in) init; W_hh starts as a scaled orthogonal matrix", gt=0.0)
+    init_scale: float = _f(1.0, "multiplies the 1/sqrt(fan_in) init; each W_hh block starts as a scaled orthogonal matrix", gt=0.0)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 
 from charrnn import batches, corpus, heap, ops
 from charrnn.errors import DataError
-from charrnn.model import forward, spec_of, targets
+from charrnn.model import Spec, forward, targets
 from charrnn.vocab import Vocab
 
 
@@ -33,18 +33,18 @@ class EvalResult(NamedTuple):
         return self._asdict()
 
 
-def score(params: dict, ids, seq_len: int, batch: int = 32) -> tuple[float, int]:
+def score(spec: Spec, params: dict, ids, seq_len: int, batch: int = 32) -> tuple[float, int]:
     """(sum of -log p over scored characters in float64, number scored)."""
     total, count = 0.0, 0
-    if spec_of(params).bidirectional:
+    if spec.bidirectional:
         for x in batches.eval_cloze_windows(ids, seq_len, batch):
-            logits, _, _ = forward(params, x)
+            logits, _, _ = forward(spec, params, x)
             total += ops.cross_entropy_sum(logits, targets(x))
             count += x.size
         return total, count
     h = None
     for x, y, valid in batches.eval_stream_windows(ids, seq_len):
-        logits, h, _ = forward(params, x, h)
+        logits, h, _ = forward(spec, params, x, h)
         rows = targets(valid)  # (Tw*B,) time-major like the logits
         total += ops.cross_entropy_sum(logits[rows], targets(x, y)[rows])
         count += int(rows.sum())
@@ -56,13 +56,12 @@ def result(total: float, count: int, objective: str, unk_rate: float = 0.0) -> E
     return EvalResult(loss, loss / math.log(2), math.exp(min(loss, 700.0)), count, unk_rate, objective)
 
 
-def evaluate_ids(params: dict, ids, seq_len: int, unk_rate: float = 0.0) -> EvalResult:
+def evaluate_ids(spec: Spec, params: dict, ids, seq_len: int, unk_rate: float = 0.0) -> EvalResult:
     heap.keep_freed_memory()  # windows reuse the previous window's pages
-    spec = spec_of(params)
     if len(ids) < (1 if spec.bidirectional else 2):
         raise DataError(f"the text has {len(ids)} characters; a {spec.objective} model needs at least "
                         f"{1 if spec.bidirectional else 2} to score")
-    return result(*score(params, ids, seq_len), spec.objective, unk_rate)
+    return result(*score(spec, params, ids, seq_len), spec.objective, unk_rate)
 
 
 def encode_file(path: Path, vocab: Vocab, encoding: str, scratch: Path | None = None) -> tuple[np.ndarray, float]:

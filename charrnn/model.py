@@ -1,15 +1,21 @@
-"""The three models (vanilla, stacked, bidirectional) composed from the primitives in ops.py.
+"""The models (one layer, stacked, bidirectional) composed from ops.py and a cell (cells/).
 
-No formulas live here, only composition. Shape legend as in ops.py: N batch, T time, V vocab,
-H hidden, L layers, S steps a tower runs; sequences are time-major inside.
+No formulas live here, only composition: ops.py has the lookup, affine head, dropout and loss;
+the cell named in the Spec runs the recurrence. Shape legend as in ops.py: N batch, T time,
+V vocab, H hidden, L layers, S steps a tower runs, G gate blocks and k state blocks of the cell;
+sequences are time-major inside.
 
 Parameters are one dict with stable names, which are also the checkpoint format:
-    layers.{l}.{fwd|bwd}.W_xh  (H, D)  D = V for l = 0, else H
-    layers.{l}.{fwd|bwd}.W_hh  (H, H)
-    layers.{l}.{fwd|bwd}.b_h   (H,)
+    layers.{l}.{fwd|bwd}.W_xh  (G*H, D)  D = V for l = 0, else H
+    layers.{l}.{fwd|bwd}.W_hh  (G*H, H)
+    layers.{l}.{fwd|bwd}.b_h   (G*H,)    (+ the cell's extras, e.g. b_hn (H,) for the GRU)
     out.W_ho                   (V, H * directions)
     out.b_o                    (V,)
-Gradients use the same names. Hidden state is a dict {direction: [one (N, H) array per layer]}.
+Gradients use the same names. The recurrent state is a dict {direction: [one (N, k*H) array per
+layer]}, each array the cell's state blocks side by side, h first (LSTM: [h | c]).
+
+The architecture (Spec) is data: it comes from the config, or from a checkpoint's metadata,
+never from parameter names; `check_params` verifies that weights fit it.
 
 Objectives:
   * next-char (unidirectional): h_t runs over x_1..x_T and o_t = W_ho h_t + b_o predicts x_{t+1}.
@@ -24,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from charrnn import ops
+from charrnn import cells, ops
 
 DIRECTIONS = ("fwd", "bwd")
 
@@ -34,6 +40,7 @@ class Spec(NamedTuple):
     H: int  # hidden size per direction
     L: int  # layers per tower
     dirs: tuple  # ("fwd",) or ("fwd", "bwd")
+    cell: str = "rnn"  # a name in cells.NAMES
 
     @property
     def bidirectional(self) -> bool:
@@ -43,60 +50,77 @@ class Spec(NamedTuple):
     def objective(self) -> str:
         return "cloze" if self.bidirectional else "next-char"
 
+    @property
+    def unit(self) -> cells.Cell:
+        """The cell object that runs this model's recurrence."""
+        return cells.get(self.cell)
 
-def param_shapes(V: int, H: int, L: int, bidirectional: bool) -> dict[str, tuple]:
+    @property
+    def state_size(self) -> int:
+        """Width of one layer's state array: k*H."""
+        return self.unit.state_size(self.H)
+
+
+def make_spec(V: int, H: int, L: int, bidirectional: bool, cell: str = "rnn") -> Spec:
+    return Spec(V, H, L, DIRECTIONS if bidirectional else DIRECTIONS[:1], cell)
+
+
+def spec_of_config(V: int, model_cfg) -> Spec:
+    """The Spec a config's model section describes, for a vocabulary of V characters."""
+    return make_spec(V, model_cfg.hidden_size, model_cfg.num_layers, model_cfg.bidirectional, model_cfg.cell)
+
+
+def param_shapes(spec: Spec) -> dict[str, tuple]:
     """Names and shapes of every parameter, in their one fixed order."""
-    dirs = DIRECTIONS if bidirectional else DIRECTIONS[:1]
     shapes = {}
-    for l in range(L):
-        for d in dirs:
-            shapes[f"layers.{l}.{d}.W_xh"] = (H, V if l == 0 else H)
-            shapes[f"layers.{l}.{d}.W_hh"] = (H, H)
-            shapes[f"layers.{l}.{d}.b_h"] = (H,)
-    shapes["out.W_ho"] = (V, H * len(dirs))
-    shapes["out.b_o"] = (V,)
+    for l in range(spec.L):
+        for d in spec.dirs:
+            for suffix, shape in spec.unit.param_shapes(spec.V if l == 0 else spec.H, spec.H).items():
+                shapes[f"layers.{l}.{d}.{suffix}"] = shape
+    shapes["out.W_ho"] = (spec.V, spec.H * len(spec.dirs))
+    shapes["out.b_o"] = (spec.V,)
     return shapes
 
 
-def spec_of(params: dict) -> Spec:
-    """Read the architecture off the parameter dict, so it cannot disagree with the weights."""
-    V, H = params["out.W_ho"].shape[0], params["layers.0.fwd.W_hh"].shape[0]
-    L = 1 + max(int(k.split(".")[1]) for k in params if k.startswith("layers."))
-    bidirectional = "layers.0.bwd.W_hh" in params
-    return Spec(V, H, L, DIRECTIONS if bidirectional else DIRECTIONS[:1])
+def param_names(spec: Spec) -> list[str]:
+    """Parameter names in their fixed order."""
+    return list(param_shapes(spec))
 
 
-def init_params(V: int, H: int, L: int, bidirectional: bool, rng: np.random.Generator,
-                dtype=np.float32, scale: float = 1.0) -> dict:
-    """Initial weights, a function of the shapes, `scale` and the Generator only.
+def check_params(spec: Spec, params: dict) -> None:
+    """ValueError unless params has exactly the spec's names and shapes."""
+    shapes = param_shapes(spec)
+    if set(params) != set(shapes):
+        missing, extra = sorted(set(shapes) - set(params)), sorted(set(params) - set(shapes))
+        raise ValueError(f"parameters do not fit the {spec.cell} model: missing {missing}, unexpected {extra}")
+    for name, shape in shapes.items():
+        if params[name].shape != shape:
+            raise ValueError(f"parameter {name} has shape {params[name].shape}, the {spec.cell} model needs {shape}")
 
-    W_hh starts as a scaled orthogonal matrix: all its singular values equal `scale`, so at the
-    start gradients through time neither explode nor vanish from W_hh alone (Saxe et al. 2014;
-    Le et al. 2015). Layer 0's input is one-hot, so its W_xh is an embedding table read one
-    column at a time: N(0, scale^2) entries, as nn.Embedding, so a character moves the
-    pre-activations by O(1). (Columns of norm 1 instead, std 1/sqrt(H), learned far slower: val
-    loss 2.18 vs 1.77 after 400 steps of a 512-unit model on tiny-shakespeare.) Other input
-    matrices are N(0, scale^2 / fan_in). The output matrix is 10x smaller than that, so the
-    first predictions are near uniform and the step-0 loss is close to ln V. Biases are 0.
+
+def init_params(spec: Spec, rng: np.random.Generator, dtype=np.float32, scale: float = 1.0) -> dict:
+    """Initial weights, a function of the spec, `scale` and the Generator only.
+
+    Each layer is the cell's own init (cells/base.py: orthogonal W_hh blocks, embedding-scale
+    W_xh for layer 0). The output matrix is N(0, (0.1 scale)^2 / fan_in), 10x smaller than a
+    hidden layer's, so the first predictions are near uniform and the step-0 loss is close to
+    ln V; its bias is 0. (Layer 0 columns of norm 1 instead, std 1/sqrt(H), learned far slower:
+    val loss 2.18 vs 1.77 after 400 steps of a 512-unit model on tiny-shakespeare.)
     """
     params = {}
-    for name, shape in param_shapes(V, H, L, bidirectional).items():
-        kind = name.rsplit(".", 1)[1]
-        if kind.startswith("b_"):
-            w = np.zeros(shape)
-        elif kind == "W_hh":
-            q, r = np.linalg.qr(rng.standard_normal(shape))
-            w = scale * q * np.sign(np.diag(r))  # sign fix makes q uniformly distributed
-        else:
-            std = scale if name.startswith("layers.0.") else scale / np.sqrt(shape[1])
-            w = rng.standard_normal(shape) * (std * 0.1 if name == "out.W_ho" else std)
-        params[name] = w.astype(dtype)
+    for l in range(spec.L):
+        for d in spec.dirs:
+            layer = spec.unit.init(spec.V if l == 0 else spec.H, spec.H, rng, scale, embedding=l == 0)
+            params.update({f"layers.{l}.{d}.{k}": w.astype(dtype) for k, w in layer.items()})
+    fan_in = spec.H * len(spec.dirs)
+    params["out.W_ho"] = (rng.standard_normal((spec.V, fan_in)) * (scale / np.sqrt(fan_in) * 0.1)).astype(dtype)
+    params["out.b_o"] = np.zeros(spec.V).astype(dtype)
     return params
 
 
 def zero_state(spec: Spec, N: int, dtype=np.float32) -> dict:
-    """All-zero hidden state: {direction: [(N, H) per layer]}."""
-    return {d: [np.zeros((N, spec.H), dtype=dtype) for _ in range(spec.L)] for d in spec.dirs}
+    """All-zero recurrent state: {direction: [(N, k*H) per layer]}."""
+    return {d: [np.zeros((N, spec.state_size), dtype=dtype) for _ in range(spec.L)] for d in spec.dirs}
 
 
 def dropout_masks(spec: Spec, N: int, T: int, p: float, rng: np.random.Generator, dtype=np.float32):
@@ -110,45 +134,60 @@ def dropout_masks(spec: Spec, N: int, T: int, p: float, rng: np.random.Generator
     return masks
 
 
+def layer_params(params: dict, l: int, d: str) -> dict:
+    """{suffix: array} of layer l in direction d."""
+    prefix = f"layers.{l}.{d}."
+    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+
 # ---- a tower: L stacked recurrent layers in one direction --------------------------------------
 
-def tower_forward(params, d: str, ids, h0: list, masks):
-    """Inputs: ids (S, N) time-major, h0 [(N, H)] * L.  Returns: hs_top (S+1, N, H), h_last, cache."""
+class LayerCache(NamedTuple):
+    input: object  # ops.LookupCache (layer 0) or ops.AffineCache
+    cell: object  # the cell's own cache
+    mask: object  # (S, N, H) dropout mask on this layer's output, or None
+
+
+def tower_forward(spec: Spec, params, d: str, ids, s0: list, masks):
+    """Inputs: ids (S, N) time-major, s0 [(N, k*H)] * L.
+    Returns: hs_top (S+1, N, H), s_last [(N, k*H)] * L, [LayerCache] * L."""
     S, N = ids.shape
-    layer_caches, inp, h_last = [], ids, []
-    for l in range(len(h0)):
-        p = f"layers.{l}.{d}."
+    layer_caches, inp, s_last = [], ids, []
+    for l in range(spec.L):
+        p = layer_params(params, l, d)
         if l == 0:
-            pre, in_cache = ops.lookup_forward(ids, params[p + "W_xh"], params[p + "b_h"])  # (S, N, H)
+            pre, in_cache = ops.lookup_forward(ids, p["W_xh"], p["b_h"])  # (S, N, G*H)
         else:
-            pre, in_cache = ops.affine_forward(inp.reshape(S * N, -1), params[p + "W_xh"], params[p + "b_h"])
-            pre = pre.reshape(S, N, -1)  # (S, N, H)
-        hs, rnn_cache = ops.rnn_forward(pre, h0[l], params[p + "W_hh"])  # (S+1, N, H)
-        h_last.append(hs[S])
-        mask = masks.get(f"layers.{l}.{d}") if masks and l < len(h0) - 1 else None
+            pre, in_cache = ops.affine_forward(inp.reshape(S * N, -1), p["W_xh"], p["b_h"])
+            pre = pre.reshape(S, N, -1)  # (S, N, G*H)
+        hs, last, cell_cache = spec.unit.forward(pre, s0[l], p)  # (S+1, N, H), (N, k*H)
+        s_last.append(last)
+        mask = masks.get(f"layers.{l}.{d}") if masks and l < spec.L - 1 else None
         inp = hs[1:] * mask if mask is not None else hs[1:]  # (S, N, H) input of layer l+1
-        layer_caches.append((in_cache, rnn_cache, mask))
-    return hs, h_last, layer_caches
+        layer_caches.append(LayerCache(in_cache, cell_cache, mask))
+    return hs, s_last, layer_caches
 
 
-def tower_backward(dh_top, d: str, layer_caches):
-    """Inputs: dh_top (S, N, H) reaching h_1..h_S of the top layer.  Returns: grads, dh0 list."""
-    grads, dh0 = {}, [None] * len(layer_caches)
+def tower_backward(spec: Spec, dh_top, d: str, layer_caches, keep: bool = False):
+    """Inputs: dh_top (S, N, H) reaching h_1..h_S of the top layer.
+    Returns: grads, ds0 [(N, k*H)] * L, and with keep {l: dhs (S+1, N, H)} (total dL/dh_t per layer)."""
+    grads, ds0, kept = {}, [None] * spec.L, {}
     dh = dh_top
-    for l in range(len(layer_caches) - 1, -1, -1):
-        p = f"layers.{l}.{d}."
-        in_cache, rnn_cache, mask = layer_caches[l]
-        dpre, dh0[l], grads[p + "W_hh"] = ops.rnn_backward(dh, rnn_cache)
-        S, N, H = dpre.shape
+    for l in range(spec.L - 1, -1, -1):
+        prefix = f"layers.{l}.{d}."
+        c = layer_caches[l]
+        dpre, ds0[l], cell_grads, kept[l] = spec.unit.backward(dh, c.cell, keep)
+        grads.update({prefix + k: g for k, g in cell_grads.items()})
+        S, N, GH = dpre.shape
         if l == 0:
-            grads[p + "W_xh"], grads[p + "b_h"] = ops.lookup_backward(dpre, in_cache)
+            grads[prefix + "W_xh"], grads[prefix + "b_h"] = ops.lookup_backward(dpre, c.input)
         else:
-            dinp, grads[p + "W_xh"], grads[p + "b_h"] = ops.affine_backward(dpre.reshape(S * N, H), in_cache)
+            dinp, grads[prefix + "W_xh"], grads[prefix + "b_h"] = ops.affine_backward(dpre.reshape(S * N, GH), c.input)
             dh = dinp.reshape(S, N, -1)  # (S, N, H) gradient reaching layer l-1's outputs
-            below_mask = layer_caches[l - 1][2]
+            below_mask = layer_caches[l - 1].mask
             if below_mask is not None:
                 dh = dh * below_mask
-    return grads, dh0
+    return grads, ds0, kept
 
 
 # ---- whole model -------------------------------------------------------------------------------
@@ -161,24 +200,23 @@ class ForwardCache(NamedTuple):
     shape: tuple  # (T, N)
 
 
-def forward(params: dict, x, h0: dict | None = None, masks: dict | None = None):
+def forward(spec: Spec, params: dict, x, h0: dict | None = None, masks: dict | None = None):
     """Logits for every position of a batch.
 
-    Inputs:  x (N, T) int ids; h0 {direction: [(N, H)] * L} or None for zeros; dropout masks or None
+    Inputs:  x (N, T) int ids; h0 {direction: [(N, k*H)] * L} or None for zeros; dropout masks or None
     Returns: logits (T*N, V) in time-major order (row t*N + n), h_last (the state after the
              window, for carrying), cache
     """
-    spec = spec_of(params)
     N, T = x.shape
     xt = np.ascontiguousarray(x.T)  # (T, N): time-major ids
     h0 = h0 if h0 is not None else zero_state(spec, N, params["out.W_ho"].dtype)
     towers, h_last = {}, {}
     if not spec.bidirectional:
-        hs, h_last["fwd"], towers["fwd"] = tower_forward(params, "fwd", xt, h0["fwd"], masks)
+        hs, h_last["fwd"], towers["fwd"] = tower_forward(spec, params, "fwd", xt, h0["fwd"], masks)
         feats = hs[1:]  # (T, N, H): h_1..h_T, each predicting the next character
     else:
-        hs_f, h_last["fwd"], towers["fwd"] = tower_forward(params, "fwd", xt[:-1], h0["fwd"], masks)
-        hs_b, h_last["bwd"], towers["bwd"] = tower_forward(params, "bwd", xt[:0:-1], h0["bwd"], masks)
+        hs_f, h_last["fwd"], towers["fwd"] = tower_forward(spec, params, "fwd", xt[:-1], h0["fwd"], masks)
+        hs_b, h_last["bwd"], towers["bwd"] = tower_forward(spec, params, "bwd", xt[:0:-1], h0["bwd"], masks)
         # position t reads h_{t-1} (hs_f[t-1], hs_f[0] = h_0) and g_{t+1} (hs_b reversed, g_{T+1} first)
         feats = np.concatenate([hs_f, hs_b[::-1]], axis=2)  # (T, N, 2H)
     head_mask = masks.get("out") if masks else None
@@ -188,31 +226,47 @@ def forward(params: dict, x, h0: dict | None = None, masks: dict | None = None):
     return logits, h_last, ForwardCache(spec, towers, head_cache, head_mask, (T, N))
 
 
-def backward(dlogits, cache: ForwardCache):
-    """Inputs: dlogits (T*N, V).  Returns: grads (same names as params), dh0 (same layout as h0)."""
-    spec, (T, N) = cache.spec, cache.shape
+def head_backward(dlogits, cache: ForwardCache):
+    """Through the head: (grads of out.*, {direction: (T, N, H) gradient at the features, in tower order})."""
+    (T, N), H = cache.shape, cache.spec.H
     dfeats, dW_ho, db_o = ops.affine_backward(dlogits, cache.head)
-    grads = {"out.W_ho": dW_ho, "out.b_o": db_o}
     dfeats = dfeats.reshape(T, N, -1)  # (T, N, H*dirs)
     if cache.head_mask is not None:
         dfeats = dfeats * cache.head_mask
-    dh0 = {}
-    if not spec.bidirectional:
-        g, dh0["fwd"] = tower_backward(dfeats, "fwd", cache.towers["fwd"])
+    if not cache.spec.bidirectional:
+        return {"out.W_ho": dW_ho, "out.b_o": db_o}, {"fwd": dfeats}
+    # the right half back in the backward tower's own time order
+    return {"out.W_ho": dW_ho, "out.b_o": db_o}, {"fwd": dfeats[:, :, :H], "bwd": dfeats[::-1, :, H:]}
+
+
+def towers_backward(dsides: dict, cache: ForwardCache, keep: bool = False):
+    """From the features' gradients to every tower parameter and initial state.
+
+    Cloze towers run one step shorter than the window: the head reads each tower's edge state
+    h_0 directly at position 0 (dside[0]) and h_1..h_S at the others.
+    Returns grads, ds0 {direction: [(N, k*H)] * L}, kept {direction: {l: dhs}} (keep only).
+    """
+    spec, H = cache.spec, cache.spec.H
+    grads, ds0, kept = {}, {}, {}
+    for d, dside in dsides.items():
+        if not spec.bidirectional:
+            g, ds0[d], kept[d] = tower_backward(spec, dside, d, cache.towers[d], keep)
+        else:
+            g, ds0[d], kept[d] = tower_backward(spec, dside[1:], d, cache.towers[d], keep)
+            top = ds0[d][-1] = ds0[d][-1].copy()
+            top[:, :H] += dside[0]  # the head reads the top edge state's h directly
+            if keep:
+                kept[d][spec.L - 1][0] += dside[0]
         grads.update(g)
-    else:
-        H = spec.H
-        dleft, dright = dfeats[:, :, :H], dfeats[::-1, :, H:]  # (T, N, H) each, right back in tower order
-        for d, dside in (("fwd", dleft), ("bwd", dright)):
-            g, dh0[d] = tower_backward(dside[1:], d, cache.towers[d])
-            dh0[d][-1] = dh0[d][-1] + dside[0]  # the head reads the top edge state directly
-            grads.update(g)
-    return {k: grads[k] for k in param_names(spec)}, dh0
+    return grads, ds0, kept
 
 
-def param_names(spec: Spec) -> list[str]:
-    """Parameter names in their fixed order."""
-    return list(param_shapes(spec.V, spec.H, spec.L, spec.bidirectional))
+def backward(dlogits, cache: ForwardCache):
+    """Inputs: dlogits (T*N, V).  Returns: grads (same names as params), dh0 (same layout as h0)."""
+    grads, dsides = head_backward(dlogits, cache)
+    tower_grads, dh0, _ = towers_backward(dsides, cache)
+    grads.update(tower_grads)
+    return {k: grads[k] for k in param_names(cache.spec)}, dh0
 
 
 def targets(x, y=None):
@@ -227,16 +281,15 @@ class StepResult(NamedTuple):
     dh0: dict
 
 
-def loss_and_grads(params: dict, x, y=None, h0: dict | None = None, masks: dict | None = None) -> StepResult:
+def loss_and_grads(spec: Spec, params: dict, x, y=None, h0: dict | None = None, masks: dict | None = None) -> StepResult:
     """The one entry point the trainer and the gradient checks use.
 
     Inputs: x (N, T) ids; y (N, T) next-character targets (unidirectional) or None (cloze: x is
     its own target). h0 and masks as in forward().
     """
-    spec = spec_of(params)
     if spec.bidirectional != (y is None):
         raise ValueError("next-char models need targets y; cloze models take y=None")
-    logits, h_last, cache = forward(params, x, h0, masks)
+    logits, h_last, cache = forward(spec, params, x, h0, masks)
     loss, dlogits = ops.softmax_cross_entropy(logits, targets(x, y))
     grads, dh0 = backward(dlogits, cache)
     return StepResult(loss, grads, h_last, dh0)

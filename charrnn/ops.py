@@ -155,119 +155,52 @@ def affine_backward(dout, cache: AffineCache):
     return dout @ W, dout.T @ x, dout.sum(axis=0)
 
 
-# ---- the recurrence ---------------------------------------------------------------------------
+# ---- recurrent products: the one matrix product per time step of every cell ---------------------
 
-class RNNCache(NamedTuple):
-    hs: object  # (S+1, N, H): h_0 (the carried-in state) followed by h_1..h_S
-    W_hh: object  # (H, H)
-
-
-FEATURE_MAJOR_MIN_H = 512  # from H = 512 on, the recurrence's products are written (H, N)
+FEATURE_MAJOR_MIN_H = 512  # from H = 512 on, per-step products are written (R, N)
 
 
 def feature_major(H: int) -> bool:
-    """Whether products with an (H, H) recurrent matrix are written (H, N); see StepPlan."""
+    """Whether per-step products with a recurrent matrix of inner size H are written (R, N)."""
     return H >= FEATURE_MAJOR_MIN_H
 
 
-class StepPlan(NamedTuple):
-    """How rnn_step_forward multiplies by W_hh, fixed once per window from the hidden size.
+class Product(NamedTuple):
+    """How `times` multiplies a batch of rows by a fixed matrix, chosen once per window.
 
-    OpenBLAS (numpy's BLAS) writes the (H, N) result of W_hh h^T faster than the (N, H) result
-    of h W_hh^T for the larger models, and slower for the smaller ones. Measured here, per step
-    of 32 streams with the add and tanh: H = 512 152.9 vs 172.7 us (96-102 vs 113-155 us for the
-    product alone, the row-major one varying with how the two cores share the fresh h), H = 768
-    286 vs 302 us; but H = 256 54 vs 36 us and H = 128 15.9 vs 13.3 us, where the row-major form
-    stays. The choice depends on H only, so a run (and its resumption) always takes the same path;
-    both give the same numbers up to rounding, and are tested against the textbook loop.
+    OpenBLAS (numpy's BLAS) writes the (R, N) result of M x^T faster than the (N, R) result of
+    x M^T for the larger models, and slower for the smaller ones (benchmarks/README.md has the
+    measurements). The choice depends on H only, so a run and its resumption always take the
+    same path; both give the same numbers up to rounding, and are tested against plain loops.
     """
 
-    W: object  # (H, H) contiguous: W_hh, 64-byte aligned (feature-major), or W_hh^T (row-major)
-    scratch: object  # (H, N) buffer for the feature-major product; None for the row-major form
+    M: object  # feature-major: M (R, K), 64-byte aligned; row-major: M^T (K, R) contiguous
+    out: object  # (R, N) scratch (feature-major) or (N, R) buffer (row-major)
+    fm: bool
 
 
-def step_plan(W_hh, N: int) -> StepPlan:
-    xp = array_module(W_hh)
-    H = W_hh.shape[0]
-    if feature_major(H):
-        return StepPlan(aligned_copy(W_hh), aligned_empty((H, N), W_hh.dtype, xp))
-    # small models: a plain contiguous copy (the aligned one cost W5, 1 x 100, 3% of its step)
-    return StepPlan(xp.ascontiguousarray(W_hh.T), None)
+def product(M, N: int, fm: bool) -> Product:
+    """A plan for x M^T with x (N, K) and M (R, K); see Product."""
+    xp = array_module(M)
+    R = M.shape[0]
+    if fm:
+        return Product(aligned_copy(M), aligned_empty((R, N), M.dtype, xp), True)
+    # small models: a plain contiguous copy (an aligned one cost the smallest workload 3% of its step)
+    return Product(xp.ascontiguousarray(M.T), xp.empty((N, R), dtype=M.dtype), False)
 
 
-def rnn_step_forward(h_prev, pre_t, plan: StepPlan, out):
-    """One step, written into `out`: h_t = tanh(W_hh h_{t-1} + pre_t), batched as rows.
+def times(plan: Product, x):
+    """x M^T for x (N, K): an (N, R) view of the plan's buffer, valid until the next call.
 
-    Inputs: h_prev (N, H), pre_t (N, H) = W_xh x_t + b_h, plan from step_plan (made once per
-    window), out (N, H). In the feature-major form the add reads the small, cache-resident
-    (H, N) product transposed and writes `out` row-major.
-    The sampler calls this too, so both paths share one statement of the recurrence.
+    In the feature-major form the view is the transpose of the (R, N) scratch: callers read it
+    in their next elementwise pass, which writes their own row-major arrays.
     """
-    xp = array_module(out)
-    if plan.scratch is not None:
-        xp.matmul(plan.W, h_prev.T, out=plan.scratch)  # (H, N): W_hh h_{t-1}, feature-major
-        xp.add(plan.scratch.T, pre_t, out=out)  # (N, H)
-    else:
-        xp.matmul(h_prev, plan.W, out=out)  # (N, H): h_{t-1} W_hh^T
-        out += pre_t
-    xp.tanh(out, out=out)
-    return out
-
-
-def rnn_forward(pre, h0, W_hh):
-    """Run the recurrence over S steps from h0.
-
-    Inputs:  pre (S, N, H) input terms W_xh x_t + b_h, h0 (N, H), W_hh (H, H)
-    Returns: hs (S+1, N, H) with hs[0] = h0 and hs[t] = h_t, cache
-
-    hs is one preallocated buffer that the steps write into: no per-step allocation, and the
-    whole history is contiguous for the single dW_hh product in backward.
-    """
-    xp = array_module(pre)
-    S, N, H = pre.shape
-    hs = xp.empty((S + 1, N, H), dtype=pre.dtype)  # (S+1, N, H)
-    hs[0] = h0
-    plan = step_plan(W_hh, N)  # the weight copy (and scratch) the steps multiply with
-    for t in range(S):
-        rnn_step_forward(hs[t], pre[t], plan, hs[t + 1])
-    return hs, RNNCache(hs, W_hh)
-
-
-def rnn_backward(dh, cache: RNNCache):
-    """Backpropagation through time over the whole window.
-
-    Inputs:  dh (S, N, H): gradient of the loss reaching h_1..h_S from above (not through time)
-    Returns: dpre (S, N, H), dh0 (N, H), dW_hh (H, H)
-
-    Per step, backwards: the gradient at h_t is the upstream dh[t] plus what flows back from
-    h_{t+1} (dh_next); through tanh it is multiplied by 1 - h_t^2 (tanh' from its output);
-    that gives dpre[t], and dh_next = dpre[t] W_hh (the diag(tanh') W_hh Jacobian of the
-    design notes). dW_hh = sum_t dpre[t]^T h_{t-1} is summed over time after the loop as one
-    (H, S*N) x (S*N, H) product. From H = FEATURE_MAJOR_MIN_H on, dh_next is kept feature-major,
-    (H, N) = W_hh^T dpre[t]^T, for the reason given in StepPlan.
-    """
-    xp = array_module(dh)
-    hs, W_hh = cache
-    S, N, H = dh.shape
-    dpre = xp.multiply(hs[1:], hs[1:])  # (S, N, H): h_t^2 ...
-    xp.subtract(1, dpre, out=dpre)  # ... -> tanh'(a_t) = 1 - h_t^2, for all steps in one pass
-    dh_t = xp.empty((N, H), dtype=dh.dtype)  # (N, H) scratch
-    if feature_major(H):
-        W_T = aligned_copy(W_hh.T)  # (H, H)
-        dh_next = xp.zeros((H, N), dtype=dh.dtype)  # (H, N): nothing flows back from beyond the window
-        for t in range(S - 1, -1, -1):
-            xp.add(dh[t], dh_next.T, out=dh_t)
-            xp.multiply(dpre[t], dh_t, out=dpre[t])
-            xp.matmul(W_T, dpre[t].T, out=dh_next)
-        dh_next = xp.ascontiguousarray(dh_next.T)  # (N, H)
-    else:
-        dh_next = xp.zeros((N, H), dtype=dh.dtype)  # (N, H)
-        for t in range(S - 1, -1, -1):
-            xp.add(dh[t], dh_next, out=dh_t)
-            xp.multiply(dpre[t], dh_t, out=dpre[t])
-            xp.matmul(dpre[t], W_hh, out=dh_next)
-    dW_hh = dpre.reshape(S * N, H).T @ hs[:-1].reshape(S * N, H)  # (H, H)
-    return dpre, dh_next, dW_hh
+    xp = array_module(x)
+    if plan.fm:
+        xp.matmul(plan.M, x.T, out=plan.out)  # (R, N)
+        return plan.out.T  # (N, R) view
+    xp.matmul(x, plan.M, out=plan.out)  # (N, R)
+    return plan.out
 
 
 # ---- dropout ----------------------------------------------------------------------------------

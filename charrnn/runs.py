@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from charrnn import checkpoint, runlog
+from charrnn import cells, checkpoint, runlog
 from charrnn.errors import CheckpointError, RunDirError
-from charrnn.model import param_shapes
+from charrnn.model import make_spec, param_shapes
 
 
 @dataclass
@@ -31,6 +31,7 @@ class RunInfo:
     name: str
     path: str
     kind: str | None  # vanilla, stacked or bidirectional
+    cell: str | None  # rnn, lstm or gru
     layers: int | None
     hidden: int | None
     params: int | None  # None when the vocabulary is unknown (no readable checkpoint)
@@ -91,11 +92,13 @@ def _best(records: list[dict], meta: dict | None) -> tuple[float | None, int | N
 def _model(cfg: dict, meta: dict | None) -> dict:
     m = cfg.get("model") or {}
     H, L, bidir = m.get("hidden_size"), m.get("num_layers"), bool(m.get("bidirectional"))
+    cell = m.get("cell", "rnn")  # format-1 runs predate the key: vanilla cells
     kind = None if H is None else "bidirectional" if bidir else "stacked" if (L or 1) > 1 else "vanilla"
     params = None
-    if meta and H and L and isinstance(meta.get("vocab"), (list, str)):
-        params = sum(math.prod(s) for s in param_shapes(len(meta["vocab"]), int(H), int(L), bidir).values())
-    return {"kind": kind, "layers": L, "hidden": H, "params": params,
+    if meta and H and L and cell in cells.NAMES and isinstance(meta.get("vocab"), (list, str)):
+        spec = make_spec(len(meta["vocab"]), int(H), int(L), bidir, cell)
+        params = sum(math.prod(s) for s in param_shapes(spec).values())
+    return {"kind": kind, "cell": cell if H is not None else None, "layers": L, "hidden": H, "params": params,
             "objective": None if H is None else "cloze" if bidir else "next-char"}
 
 
@@ -161,7 +164,7 @@ def format_table(infos: list[RunInfo]) -> str:
     header = ("name", "model", "params", "objective", "steps", "chars", "best val bpc", "at step", "chars/s", "state")
     rows = [header]
     for r in infos:
-        model = f"{r.kind} {r.layers}x{r.hidden}" if r.kind else "-"
+        model = f"{r.cell} {r.layers}x{r.hidden}" + (" bidirectional" if r.kind == "bidirectional" else "") if r.kind else "-"
         steps = f"{r.steps}/{r.max_steps}" if r.max_steps is not None else str(r.steps)
         rows.append((r.name, model, _si(r.params), r.objective or "-", steps, _si(r.chars_seen),
                      "-" if r.best_val_bpc is None else f"{r.best_val_bpc:.4f}",

@@ -90,8 +90,7 @@ def _noop(kind: str, record: dict) -> None:
 # ---- setting up -------------------------------------------------------------------------------
 
 def _context(cfg: Config, data: dataset.Dataset, run: runlog.RunDir, report: Report) -> tuple[Config, Context]:
-    spec = model.Spec(len(data.vocab), cfg.model.hidden_size, cfg.model.num_layers,
-                      model.DIRECTIONS if cfg.model.bidirectional else model.DIRECTIONS[:1])
+    spec = model.spec_of_config(len(data.vocab), cfg.model)
     N, span = cfg.train.batch_size, 0
     if not spec.bidirectional:
         N, span = batches.plan_streams(len(data.train), cfg.train.batch_size, cfg.train.seq_len)
@@ -106,7 +105,7 @@ def _context(cfg: Config, data: dataset.Dataset, run: runlog.RunDir, report: Rep
                                       "training without evaluation (raise data.val_fraction or set data.val_path)"})
         data = data._replace(val=None)
     dtype = np.dtype(cfg.train.dtype)
-    layout = optim.Layout.of(model.param_shapes(spec.V, spec.H, spec.L, spec.bidirectional))
+    layout = optim.Layout.of(model.param_shapes(spec))
     decay = layout.mask(lambda n: ".W_" in n, dtype) if cfg.train.weight_decay > 0 else None
     return cfg, Context(cfg, data, run, layout, spec, N, span, decay, dtype)
 
@@ -114,8 +113,7 @@ def _context(cfg: Config, data: dataset.Dataset, run: runlog.RunDir, report: Rep
 def _fresh_state(ctx: Context, init_params: dict | None = None) -> TrainState:
     cfg = ctx.cfg
     rng = np.random.default_rng(cfg.seed)
-    params = init_params or model.init_params(ctx.spec.V, ctx.spec.H, ctx.spec.L, ctx.spec.bidirectional, rng,
-                                              ctx.dtype, cfg.model.init_scale)
+    params = init_params or model.init_params(ctx.spec, rng, ctx.dtype, cfg.model.init_scale)
     theta = ctx.layout.flatten(params, ctx.dtype)
     return TrainState(theta, ctx.layout.views(theta), optim.init_state(cfg.train.optimizer, ctx.layout.size, ctx.dtype), rng, None)
 
@@ -133,7 +131,7 @@ def _check_training_meta(ck: checkpoint.Checkpoint, ctx: Context) -> None:
     bad += [k for k in NUMBERS if k not in meta or not (number(meta[k]) or (meta[k] is None and k != "elapsed_s"))]
     bad += [k for k in ("rng", "acc", "eval_acc") if not isinstance(meta.get(k, {}), dict)]
     bad += [f"state/{d}" for d, layers in ck.state.items()
-            if d not in ctx.spec.dirs or len(layers) != ctx.spec.L or any(a.shape != (ctx.N, ctx.spec.H) for a in layers)]
+            if d not in ctx.spec.dirs or len(layers) != ctx.spec.L or any(a.shape != (ctx.N, ctx.spec.state_size) for a in layers)]
     if bad:
         raise CheckpointError(f"{ck.path}: its training state is missing or invalid ({', '.join(bad)}), so the run cannot be "
                               f"resumed from it; start a new run from its weights with --init-from {ck.path}")
@@ -216,7 +214,7 @@ def _step(ctx: Context, state: TrainState) -> dict:
     x, y = _batch(ctx, state)
     masks = model.dropout_masks(ctx.spec, ctx.N, cfg.seq_len, ctx.cfg.model.dropout, state.rng, ctx.dtype)
     with np.errstate(all="ignore"):  # overflow shows up as a non-finite loss or norm, checked below
-        result = model.loss_and_grads(state.params, x, y, state.h, masks)
+        result = model.loss_and_grads(ctx.spec, state.params, x, y, state.h, masks)
         g = ctx.layout.flatten(result.grads, ctx.dtype)
         norm, clipped = optim.clip(g, cfg.clip_norm, cfg.clip_value)
     lr = optim.lr_at(state.step, cfg)
@@ -330,14 +328,14 @@ def _evaluate(ctx: Context, state: TrainState, report: Report) -> tuple[dict, bo
     val = ctx.data.val
     if ctx.cfg.train.eval_chars:
         val = val[: ctx.cfg.train.eval_chars + 1]
-    res = evaluate.evaluate_ids(state.params, val, ctx.cfg.train.seq_len)
-    record = {"val_loss": res.loss, "val_bpc": res.bpc, **diagnose.grad_health(state.params, state.eval_acc)}
+    res = evaluate.evaluate_ids(ctx.spec, state.params, val, ctx.cfg.train.seq_len)
+    record = {"val_loss": res.loss, "val_bpc": res.bpc, **diagnose.grad_health(ctx.spec, state.params, state.eval_acc)}
     state.eval_acc = {}
     improved = state.best_val_loss is None or res.loss < state.best_val_loss
     if improved:
         state.best_val_loss, state.best_step = res.loss, state.step
     if not ctx.spec.bidirectional and ctx.cfg.train.sample_chars:
-        text = sample_text(state.params, ctx.data.vocab, ctx.cfg.train.sample_chars,
+        text = sample_text(ctx.spec, state.params, ctx.data.vocab, ctx.cfg.train.sample_chars,
                            np.random.default_rng([ctx.cfg.seed, state.step]), knobs=Knobs(temperature=0.8))
         try:
             runlog.write_text(ctx.run.sample_file(state.step), text)
@@ -496,12 +494,12 @@ def _init_weights(path: str, cfg: Config, data: dataset.Dataset) -> dict:
         raise DataError(f"--init-from {path}: its vocabulary does not match the corpus"
                         + (f"; characters the checkpoint does not know: {missing[:40]!r}" if missing else
                            f" (it has {len(theirs)} characters, the corpus {len(data.vocab)})"))
-    spec = model.spec_of(ck.params)
-    want = (cfg.model.hidden_size, cfg.model.num_layers, cfg.model.bidirectional)
-    if (spec.H, spec.L, spec.bidirectional) != want:
-        raise ConfigError(f"--init-from {path}: checkpoint model is hidden_size={spec.H}, num_layers={spec.L}, "
-                          f"bidirectional={spec.bidirectional}, config asks for {want[0]}, {want[1]}, {want[2]}; "
-                          "set the model keys to match")
+    spec = ck.spec
+    want = (cfg.model.cell, cfg.model.hidden_size, cfg.model.num_layers, cfg.model.bidirectional)
+    if (spec.cell, spec.H, spec.L, spec.bidirectional) != want:
+        raise ConfigError(f"--init-from {path}: checkpoint model is cell={spec.cell}, hidden_size={spec.H}, "
+                          f"num_layers={spec.L}, bidirectional={spec.bidirectional}, config asks for "
+                          f"{', '.join(map(str, want))}; set the model keys to match")
     return {k: v.astype(cfg.train.dtype) for k, v in ck.params.items()}
 
 

@@ -46,7 +46,7 @@ def test_loads_with_allow_pickle_false(next_char_run, name):
 def test_entry_names_of_a_next_char_checkpoint(next_char_run):
     entries = npz(next_char_run / "checkpoints" / "last.npz")
     meta = json.loads(str(entries["meta"][()]))
-    shapes = model.param_shapes(len(meta["vocab"]), 16, 1, False)
+    shapes = model.param_shapes(model.make_spec(len(meta["vocab"]), 16, 1, False))
     params = {k for k in entries if "/" not in k and k != "meta"}
     assert params == set(shapes)
     for name, shape in shapes.items():
@@ -61,7 +61,7 @@ def test_entry_names_of_a_next_char_checkpoint(next_char_run):
 def test_meta_of_a_next_char_checkpoint(next_char_run):
     entries = npz(next_char_run / "checkpoints" / "last.npz")
     meta = json.loads(str(entries["meta"][()]))
-    assert meta["format_version"] == checkpoint.FORMAT_VERSION == 1
+    assert meta["format_version"] == checkpoint.FORMAT_VERSION == 2
     assert meta["objective"] == "next-char"
     train_text = TEXT[: len(TEXT) - int(len(TEXT) * 0.1)]
     assert meta["vocab"] == sorted(set(train_text)) and meta["unk"] is None
@@ -75,7 +75,7 @@ def test_cloze_checkpoint(cloze_run):
     entries = npz(cloze_run / "checkpoints" / "last.npz")
     meta = json.loads(str(entries["meta"][()]))
     assert meta["objective"] == "cloze"
-    assert set(model.param_shapes(len(meta["vocab"]), 16, 1, True)) == {k for k in entries if "/" not in k} - {"meta"}
+    assert set(model.param_shapes(model.make_spec(len(meta["vocab"]), 16, 1, True))) == {k for k in entries if "/" not in k} - {"meta"}
     assert "layers.0.bwd.W_hh" in entries
     assert not any(k.startswith("state/") for k in entries)  # cloze windows start from zero states
 

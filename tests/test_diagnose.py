@@ -38,10 +38,11 @@ def orthogonal(H, rng):
 
 def zero_input_model(s, Q, V=5, L=1, seed=0):
     """W_hh = s * Q, W_xh = 0 and b_h = 0: the pre-activation is exactly W_hh h_{t-1}."""
-    params = model.init_params(V, Q.shape[0], L, False, np.random.default_rng(seed), np.float64)
+    spec = model.make_spec(V, Q.shape[0], L, False)
+    params = model.init_params(spec, np.random.default_rng(seed), np.float64)
     params["layers.0.fwd.W_xh"][:] = 0.0
     params["layers.0.fwd.W_hh"][:] = s * Q
-    return params
+    return spec, params
 
 
 # ---- spectral norms ----------------------------------------------------------------------------
@@ -58,17 +59,18 @@ def test_power_iteration_for_large_matrices_matches_svd(rng, monkeypatch):
 
 
 def test_spectral_norms_name_every_layer_and_direction(rng):
-    params = model.init_params(6, 5, 2, True, rng, np.float64, scale=0.7)
-    sigmas = diagnose.spectral_norms(params)
+    spec = model.make_spec(6, 5, 2, True)
+    params = model.init_params(spec, rng, np.float64, scale=0.7)
+    sigmas = diagnose.spectral_norms(spec, params)
     assert list(sigmas) == ["layers.0.fwd", "layers.0.bwd", "layers.1.fwd", "layers.1.bwd"]
     assert all(s == pytest.approx(0.7) for s in sigmas.values())  # init: scaled orthogonal
 
 
 # ---- the gradients themselves ------------------------------------------------------------------
 
-def last_position_loss(params, x, y, h0):
+def last_position_loss(spec, params, x, y, h0):
     """Sum over windows of the cross-entropy at the last position (what state_grads differentiates)."""
-    logits, _, _ = model.forward(params, x, h0)
+    logits, _, _ = model.forward(spec, params, x, h0)
     N, T = x.shape
     rows = slice((T - 1) * N, T * N)
     z = logits[rows] - logits[rows].max(axis=1, keepdims=True)
@@ -76,14 +78,16 @@ def last_position_loss(params, x, y, h0):
 
 
 def test_state_gradients_match_finite_differences(rng):
-    params = model.init_params(6, 5, 1, False, rng, np.float64, scale=0.9)
+    spec = model.make_spec(6, 5, 1, False)
+    params = model.init_params(spec, rng, np.float64, scale=0.9)
     x, y = rng.integers(0, 6, (3, 7)), rng.integers(0, 6, (3, 7))
     h0 = rng.uniform(-0.5, 0.5, (3, 5))
-    dhs, hs = diagnose.state_grads(params, x, y, {"fwd": [h0]})["layers.0.fwd"]
-    numeric = numeric_gradient(lambda h: last_position_loss(params, x, y, {"fwd": [h]}), h0)
+    dhs, cache = diagnose.state_grads(spec, params, x, y, {"fwd": [h0]})["layers.0.fwd"]
+    hs = cache.hs
+    numeric = numeric_gradient(lambda h: last_position_loss(spec, params, x, y, {"fwd": [h]}), h0)
     assert rel_error(dhs[0], numeric) < 1e-6, worst(dhs[0], numeric)
     for t in range(1, 7):  # dL/dh_t is dL/dh_0 of the same model restarted from h_t on the suffix
-        restarted, _ = diagnose.state_grads(params, x[:, t:], y[:, t:], {"fwd": [hs[t]]})["layers.0.fwd"]
+        restarted, _ = diagnose.state_grads(spec, params, x[:, t:], y[:, t:], {"fwd": [hs[t]]})["layers.0.fwd"]
         np.testing.assert_allclose(dhs[t], restarted[0], rtol=1e-10, atol=1e-14)
 
 
@@ -91,16 +95,18 @@ def test_state_gradients_match_finite_differences(rng):
 def test_state_gradients_agree_with_model_backward(rng, L, bidirectional):
     """sum_t tanh'(a_t) * dL/dh_t is dL/db_h: checks every layer, the stacking and the cloze shift."""
     V, H, N, T = 6, 5, 3, 7
-    params = model.init_params(V, H, L, bidirectional, rng, np.float64)
+    spec = model.make_spec(V, H, L, bidirectional)
+    params = model.init_params(spec, rng, np.float64)
     x = rng.integers(0, V, (N, T))
     y = None if bidirectional else rng.integers(0, V, (N, T))
-    grads = diagnose.state_grads(params, x, y)
-    logits, _, cache = model.forward(params, x)
+    grads = diagnose.state_grads(spec, params, x, y)
+    logits, _, cache = model.forward(spec, params, x)
     for d in ("fwd", "bwd") if bidirectional else ("fwd",):
         rows = (T - 1 if d == "fwd" else 0) * N + np.arange(N)
         ref, _ = model.backward(diagnose._last_position_dlogits(logits, model.targets(x, y), rows), cache)
         for l in range(L):
-            dhs, hs = grads[f"layers.{l}.{d}"]
+            dhs, cell_cache = grads[f"layers.{l}.{d}"]
+            hs = cell_cache.hs
             db = ((1 - hs[1:] ** 2) * dhs[1:]).sum(axis=(0, 1))  # (H,)
             np.testing.assert_allclose(db, ref[f"layers.{l}.{d}.b_h"], rtol=1e-10, atol=1e-14)
 
@@ -111,9 +117,10 @@ def test_state_gradients_agree_with_model_backward(rng, L, bidirectional):
 def test_linear_regime_decays_or_grows_at_rate_s(rng, s):
     """Zero input and h_0 = 0 keep every h_t = 0, so tanh' = 1 and each step multiplies the
     gradient by W_hh = s Q, whose action on any vector scales its norm by exactly s."""
-    params = zero_input_model(s, orthogonal(12, rng))
+    spec, params = zero_input_model(s, orthogonal(12, rng))
     x, y = rng.integers(0, 5, (4, 15)), rng.integers(0, 5, (4, 15))
-    norms, mean_tp, rms_tp = diagnose.gradient_flow(params, x, y)["layers.0.fwd"]
+    norms, stats = diagnose.gradient_flow(spec, params, x, y)["layers.0.fwd"]
+    mean_tp, rms_tp = stats["mean tanh'"], stats["rms tanh'"]
     assert mean_tp == rms_tp == 1.0
     np.testing.assert_allclose(norms[1:] / norms[:-1], s, rtol=1e-10)
     assert diagnose.fit_factor(norms.mean(axis=1)) == pytest.approx(s, rel=1e-10)
@@ -131,9 +138,10 @@ def test_saturated_fixed_point_decays_at_s_times_tanh_prime(rng):
     h_star = 1.0
     for _ in range(200):
         h_star = math.tanh(s * h_star)
-    params = zero_input_model(s, Q)
+    spec, params = zero_input_model(s, Q)
     x, y = rng.integers(0, 5, (3, 12)), rng.integers(0, 5, (3, 12))
-    norms, mean_tp, _ = diagnose.gradient_flow(params, x, y, {"fwd": [np.full((3, H), h_star)]})["layers.0.fwd"]
+    norms, stats = diagnose.gradient_flow(spec, params, x, y, {"fwd": [np.full((3, H), h_star)]})["layers.0.fwd"]
+    mean_tp = stats["mean tanh'"]
     assert mean_tp == pytest.approx(1 - h_star ** 2, rel=1e-9)
     np.testing.assert_allclose(norms[1:] / norms[:-1], s * (1 - h_star ** 2), rtol=1e-8)
     assert diagnose.fit_factor(norms.mean(axis=1)) == pytest.approx(s * mean_tp, rel=1e-8)
@@ -145,9 +153,10 @@ def test_saturated_random_states_follow_the_measured_tanh_prime(rng, s):
     a random orthogonal W_hh spreads g over the units, so the factor is s * rms(tanh') (mean-field
     theory: Pennington et al. 2017), which the fit must match. s * mean(tanh') would understate it:
     the gradient survives through the unsaturated units."""
-    params = zero_input_model(s, orthogonal(16, rng))
+    spec, params = zero_input_model(s, orthogonal(16, rng))
     x, y = rng.integers(0, 5, (8, 20)), rng.integers(0, 5, (8, 20))
-    norms, mean_tp, rms_tp = diagnose.gradient_flow(params, x, y, {"fwd": [rng.uniform(-1, 1, (8, 16))]})["layers.0.fwd"]
+    norms, stats = diagnose.gradient_flow(spec, params, x, y, {"fwd": [rng.uniform(-1, 1, (8, 16))]})["layers.0.fwd"]
+    mean_tp, rms_tp = stats["mean tanh'"], stats["rms tanh'"]
     assert 0.2 < mean_tp < 0.8  # really saturated, not the linear regime
     assert diagnose.fit_factor(norms.mean(axis=1)) == pytest.approx(s * rms_tp, rel=0.05)
     assert s * mean_tp < diagnose.fit_factor(norms.mean(axis=1))
@@ -166,8 +175,9 @@ def test_windows_are_evenly_spaced_and_checked():
 
 
 def test_profile_table_lists_every_distance_and_layer(rng):
-    params = model.init_params(7, 6, 2, False, rng, np.float32)
-    prof = diagnose.profile(params, rng.integers(0, 7, 500), K=5, T=9)
+    spec = model.make_spec(7, 6, 2, False)
+    params = model.init_params(spec, rng, np.float32)
+    prof = diagnose.profile(spec, params, rng.integers(0, 7, 500), K=5, T=9)
     assert prof.windows == 5 and set(prof.layers) == {"layers.0.fwd", "layers.1.fwd"}
     assert all(len(f.norms) == 10 and 0 < f.factor < 10 for f in prof.layers.values())
     table = diagnose.format_profile(prof)

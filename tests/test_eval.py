@@ -40,7 +40,7 @@ def test_eval_of_a_short_text_equals_the_model_loss(cli_invoke, learned, write_t
     assert ck.params["out.W_ho"].dtype == np.float64
     res = eval_json(cli_invoke, ck.path, "--corpus", write_text(text))
     ids = Vocab.from_json(ck.meta).encode(text).astype(np.intp)
-    expected = model.loss_and_grads(ck.params, ids[None, :-1], ids[None, 1:]).loss  # one stream, zero state
+    expected = model.loss_and_grads(ck.spec, ck.params, ids[None, :-1], ids[None, 1:]).loss  # one stream, zero state
     assert res["loss"] == pytest.approx(expected, rel=1e-6)
     assert res["chars"] == n - 1
     assert res["bpc"] == pytest.approx(res["loss"] / math.log(2), rel=1e-12)
@@ -54,7 +54,7 @@ def test_eval_of_an_untrained_model_equals_the_model_loss(cli_invoke, shared_run
     ck = checkpoint.load(run)
     text = OTHER[:1000]
     ids = Vocab.from_json(ck.meta).encode(text).astype(np.intp)
-    expected = model.loss_and_grads(ck.params, ids[None, :-1], ids[None, 1:]).loss
+    expected = model.loss_and_grads(ck.spec, ck.params, ids[None, :-1], ids[None, 1:]).loss
     assert eval_json(cli_invoke, run, "--corpus", write_text(text))["loss"] == pytest.approx(expected, rel=1e-6)
 
 
@@ -63,7 +63,7 @@ def test_cloze_eval_equals_the_model_loss(cli_invoke, cloze, write_text, windows
     ck = checkpoint.load(cloze / "checkpoints" / "last.npz")
     text = OTHER[: 16 * windows]  # whole windows of train.seq_len
     ids = Vocab.from_json(ck.meta).encode(text).astype(np.intp)
-    expected = model.loss_and_grads(ck.params, ids.reshape(windows, 16)).loss
+    expected = model.loss_and_grads(ck.spec, ck.params, ids.reshape(windows, 16)).loss
     res = eval_json(cli_invoke, ck.path, "--corpus", write_text(text))
     assert res["objective"] == "cloze"
     assert res["chars"] == 16 * windows
@@ -125,7 +125,7 @@ def test_unicode_corpus(cli_invoke, shared_run, write_text):
     run = shared_run(poem * 60, "train.dtype=float64", "train.max_steps=5")
     ck = checkpoint.load(run)
     ids = Vocab.from_json(ck.meta).encode(poem * 3).astype(np.intp)
-    expected = model.loss_and_grads(ck.params, ids[None, :-1], ids[None, 1:]).loss
+    expected = model.loss_and_grads(ck.spec, ck.params, ids[None, :-1], ids[None, 1:]).loss
     res = eval_json(cli_invoke, run, "--corpus", write_text(poem * 3))
     assert res["chars"] == len(poem * 3) - 1 and res["loss"] == pytest.approx(expected, rel=1e-6)
 

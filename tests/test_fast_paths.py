@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from charrnn import model, ops, optim, sample
+from charrnn import cells, model, ops, optim, sample
 from charrnn.config import TrainConfig
 from charrnn.vocab import Vocab
 
@@ -28,25 +28,23 @@ def test_sorted_scatter_add_equals_add_at(rng, V, M):
 
 @pytest.fixture(params=["row-major", "feature-major"])
 def form(request, monkeypatch):
-    """Run a test with each form of the recurrence's product (ops.StepPlan)."""
+    """Run a test with each form of the per-step products (ops.Product)."""
     monkeypatch.setattr(ops, "FEATURE_MAJOR_MIN_H", 10**9 if request.param == "row-major" else 1)
     return request.param
 
 
-def test_rnn_step_in_either_form_equals_the_formula(rng, form):
-    h, pre, W = rng.standard_normal((3, 4)), rng.standard_normal((3, 4)), rng.standard_normal((4, 4))
-    out = np.empty((3, 4))
-    plan = ops.step_plan(W, 3)
-    assert (plan.scratch is not None) == (form == "feature-major") and plan.W.flags.c_contiguous
-    if form == "feature-major":  # where the alignment matters (ops.aligned_empty)
-        assert plan.W.ctypes.data % 64 == 0 and plan.scratch.ctypes.data % 64 == 0
-    ops.rnn_step_forward(h, pre, plan, out)
-    np.testing.assert_allclose(out, np.tanh(h @ W.T + pre), rtol=1e-13)
+@pytest.mark.parametrize("fm", [False, True], ids=["row-major", "feature-major"])
+def test_a_product_plan_in_either_form_equals_the_product(rng, fm):
+    x, M = rng.standard_normal((3, 4)), rng.standard_normal((8, 4))
+    plan = ops.product(M, 3, fm)
+    assert plan.M.flags.c_contiguous and plan.fm == fm
+    if fm:  # where the alignment matters (ops.aligned_empty)
+        assert plan.M.ctypes.data % 64 == 0 and plan.out.ctypes.data % 64 == 0 and plan.out.shape == (8, 3)
+    np.testing.assert_allclose(ops.times(plan, x), x @ M.T, rtol=1e-13)
 
 
 def test_the_form_follows_the_hidden_size():
-    assert ops.step_plan(np.eye(ops.FEATURE_MAJOR_MIN_H, dtype=np.float32), 2).scratch.shape == (ops.FEATURE_MAJOR_MIN_H, 2)
-    assert ops.step_plan(np.eye(ops.FEATURE_MAJOR_MIN_H - 1, dtype=np.float32), 2).scratch is None
+    assert ops.feature_major(ops.FEATURE_MAJOR_MIN_H) and not ops.feature_major(ops.FEATURE_MAJOR_MIN_H - 1)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -62,17 +60,18 @@ def test_aligned_arrays_start_on_a_cache_line_and_copy_exactly(rng, dtype, shape
 
 
 def test_rnn_loops_equal_a_plain_float64_recurrence(rng, form):
-    """rnn_forward / rnn_backward (aligned copies, feature-major products) against the textbook
+    """The rnn cell's forward / backward (aligned copies, feature-major products) against the textbook
     loop: h_t = tanh(W h_{t-1} + pre_t); dpre_t = (dh_t + dpre_{t+1} W) (1 - h_t^2)."""
     S, N, H = 6, 3, 5
     pre, h0, W, dh = (rng.standard_normal(s) for s in ((S, N, H), (N, H), (H, H), (S, N, H)))
-    hs, cache = ops.rnn_forward(pre, h0, W)
+    hs, _, cache = cells.get("rnn").forward(pre, h0, {"W_hh": W})
     h, plain = h0, [h0]
     for t in range(S):
         h = np.tanh(h @ W.T + pre[t])
         plain.append(h)
     np.testing.assert_allclose(hs, np.stack(plain), rtol=1e-13, atol=1e-15)
-    dpre, dh0, dW = ops.rnn_backward(dh, cache)
+    dpre, dh0, grads, _ = cells.get("rnn").backward(dh, cache)
+    dW = grads["W_hh"]
     back, g, dW_plain = [None] * S, np.zeros((N, H)), np.zeros((H, H))
     for t in range(S - 1, -1, -1):
         back[t] = (dh[t] + g) * (1 - plain[t + 1] ** 2)
@@ -162,38 +161,42 @@ def test_pick_inverts_the_cdf(rng):
         assert sample.pick(logits.copy(), np.array([u]), sample.Knobs())[0] == want
 
 
-def _naive_generate(params, vocab, length, rng, prime):
+def _naive_generate(spec, params, vocab, length, rng, prime):
     """The straightforward sampler: the full model forward over the whole text at every step."""
     text = prime
     uniforms = rng.random((sample.UNIFORM_BLOCK, 1))
     for i in range(length):
         ids = vocab.encode(text)[None, :].astype(np.intp)
-        logits, _, _ = model.forward(params, ids)
+        logits, _, _ = model.forward(spec, params, ids)
         p = np.exp(logits[-1] - logits[-1].max())
         cdf = np.cumsum(p)
         text += vocab.chars[min(int((cdf <= uniforms[i, 0] * cdf[-1]).sum()), len(cdf) - 1)]
     return text[len(prime):]
 
 
+@pytest.mark.parametrize("cell", cells.NAMES)
 @pytest.mark.parametrize("L", [1, 2])
-def test_incremental_sampler_equals_full_recomputation(L, form):
-    """The per-character step (prepared tables, swapped buffers) generates exactly what running
-    model.forward over the whole text again at every step generates."""
+def test_incremental_sampler_equals_full_recomputation(L, cell, form):
+    """The per-character step (the cell's step, prepared tables, swapped buffers) generates exactly
+    what running model.forward over the whole text again at every step generates."""
     vocab = Vocab(list("abcdefgh"))
-    params = model.init_params(len(vocab), 16, L, False, np.random.default_rng(0), np.float64)
-    fast = "".join(c[0] for c in sample.generate(params, vocab, 40, np.random.default_rng(5), prime="abc"))
-    assert fast == _naive_generate(params, vocab, 40, np.random.default_rng(5), "abc")
+    spec = model.make_spec(len(vocab), 16, L, False, cell)
+    params = model.init_params(spec, np.random.default_rng(0), np.float64)
+    params = {k: v + np.random.default_rng(1).normal(scale=0.1, size=v.shape) for k, v in params.items()}
+    fast = "".join(c[0] for c in sample.generate(spec, params, vocab, 40, np.random.default_rng(5), prime="abc"))
+    assert fast == _naive_generate(spec, params, vocab, 40, np.random.default_rng(5), "abc")
 
 
 def test_sampler_tables_are_row_major_and_equal_the_parameters(rng, form):
     """The stacked top-layer matrix is row-major and aligned (a column-major one is multiplied
     ~1.5x slower) and is exactly [W_hh ; W_ho / temperature]."""
-    params = model.init_params(9, 6, 2, False, rng, np.float64)
-    net = sample._prepare(params, 0.5, banned=-1, n=3)
-    assert net.W_top.flags.c_contiguous and net.W_top.ctypes.data % 64 == 0
-    assert all(p.W.flags.c_contiguous for p in net.plans)
+    spec = model.make_spec(9, 6, 2, False)
+    params = model.init_params(spec, rng, np.float64)
+    net = sample._prepare(spec, params, 0.5, banned=-1, n=3)
+    assert net.top.M.flags.c_contiguous and (not net.top.fm or net.top.M.ctypes.data % 64 == 0)
+    assert all(p.M.flags.c_contiguous for p in net.plans)
     stacked = np.vstack([params["layers.1.fwd.W_hh"], params["out.W_ho"] / 0.5])
-    np.testing.assert_array_equal(net.W_top, stacked if net.top_fm else stacked.T)
+    np.testing.assert_array_equal(net.top.M, stacked if net.top.fm else stacked.T)
 
 
 def test_step_flops_counts_the_matrix_products():
@@ -206,3 +209,5 @@ def test_step_flops_counts_the_matrix_products():
     assert step_flops(spec, N, T) == recurrent + head
     assert math.isclose(step_flops(model.Spec(10, 4, 1, ("fwd", "bwd")), N, T),
                         2 * 3 * 2 * (T - 1) * N * 16 + 3 * 2 * T * N * 8 * 10)
+    lstm = model.make_spec(10, 4, 2, False, "lstm")  # four gate blocks; layer 1 adds its input product
+    assert step_flops(lstm, N, T) == 3 * 2 * T * N * 16 * 4 * (1 + 2) + head

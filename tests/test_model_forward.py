@@ -1,5 +1,5 @@
-"""Forward pass of the three model kinds: shapes, a naive reference, causality and leak tests,
-initial loss, state carrying and deterministic initialization."""
+"""Forward pass of every model kind and cell: shapes, a naive reference (vanilla cell), causality
+and leak tests, initial loss, state carrying and deterministic initialization."""
 from __future__ import annotations
 
 import math
@@ -7,20 +7,21 @@ import math
 import numpy as np
 import pytest
 
-from charrnn import model
+from charrnn import cells, model
 
 V, H, N, T = 6, 5, 3, 5
 
 
-def perturbed_params(V, H, L, bidirectional, seed=0, dtype=np.float64):
+def perturbed_params(V, H, L, bidirectional, seed=0, dtype=np.float64, cell="rnn"):
     rng = np.random.default_rng(seed)
-    params = model.init_params(V, H, L, bidirectional, rng, dtype)
-    return {k: (v + rng.normal(scale=0.1, size=v.shape)).astype(dtype) for k, v in params.items()}
+    spec = model.make_spec(V, H, L, bidirectional, cell)
+    params = model.init_params(spec, rng, dtype)
+    return spec, {k: (v + rng.normal(scale=0.1, size=v.shape)).astype(dtype) for k, v in params.items()}
 
 
 def random_state(spec, N, seed=5):
     rng = np.random.default_rng(seed)
-    return {d: [rng.normal(scale=0.5, size=(N, spec.H)) for _ in range(spec.L)] for d in spec.dirs}
+    return {d: [rng.normal(scale=0.5, size=(N, spec.state_size)) for _ in range(spec.L)] for d in spec.dirs}
 
 
 # ---- a naive reference: column vectors, explicit loops over n and t ----------------------------
@@ -46,9 +47,8 @@ def ref_tower(params, d, seq, h0_cols):
     return states
 
 
-def ref_logits(params, x, h0=None):
+def ref_logits(spec, params, x, h0=None):
     """(T*N, V) logits in time-major order, built position by position."""
-    spec = model.spec_of(params)
     Nx, Tx = x.shape
     W_ho, b_o = params["out.W_ho"], params["out.b_o"].reshape(-1, 1)
     out = np.zeros((Tx * Nx, spec.V))
@@ -77,33 +77,33 @@ KINDS = {"vanilla": (1, False), "stacked": (3, False),
 
 # ---- (a) shapes ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("cell", cells.NAMES)
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_shapes_and_time_major_rows(kind):
+def test_shapes_and_time_major_rows(kind, cell):
     L, bidir = KINDS[kind]
-    params = perturbed_params(V, H, L, bidir)
+    spec, params = perturbed_params(V, H, L, bidir, cell=cell)
     x = np.random.default_rng(1).integers(0, V, size=(N, T))
-    logits, h_last, _ = model.forward(params, x)
+    logits, h_last, _ = model.forward(spec, params, x)
     assert logits.shape == (T * N, V)
     assert set(h_last) == ({"fwd", "bwd"} if bidir else {"fwd"})
     for d in h_last:
         assert len(h_last[d]) == L
-        assert all(h.shape == (N, H) for h in h_last[d])
+        assert all(h.shape == (N, spec.state_size) for h in h_last[d])
     # row t*N + n belongs to sequence n at time t: compare with each sequence run alone
     for n in range(N):
-        alone, _, _ = model.forward(params, x[n:n + 1])
+        alone, _, _ = model.forward(spec, params, x[n:n + 1])
         np.testing.assert_allclose(logits[n::N], alone, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("L", [1, 2])
 def test_single_step_next_char(L):
-    params = perturbed_params(V, H, L, False)
-    spec = model.spec_of(params)
+    spec, params = perturbed_params(V, H, L, False)
     h0 = random_state(spec, N)
     x = np.random.default_rng(2).integers(0, V, size=(N, 1))
-    logits, h_last, _ = model.forward(params, x, h0)
+    logits, h_last, _ = model.forward(spec, params, x, h0)
     assert logits.shape == (N, V)
-    np.testing.assert_allclose(logits, ref_logits(params, x, h0), rtol=1e-12, atol=1e-14)
-    result = model.loss_and_grads(params, x, x, h0)
+    np.testing.assert_allclose(logits, ref_logits(spec, params, x, h0), rtol=1e-12, atol=1e-14)
+    result = model.loss_and_grads(spec, params, x, x, h0)
     assert np.isfinite(result.loss) and set(result.grads) == set(params)
 
 
@@ -113,20 +113,18 @@ def test_single_step_next_char(L):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_forward_matches_naive_reference(kind, carried):
     L, bidir = KINDS[kind]
-    params = perturbed_params(V, H, L, bidir)
-    spec = model.spec_of(params)
+    spec, params = perturbed_params(V, H, L, bidir)
     h0 = random_state(spec, N) if carried else None
     x = np.random.default_rng(3).integers(0, V, size=(N, T))
-    logits, _, _ = model.forward(params, x, h0)
-    np.testing.assert_allclose(logits, ref_logits(params, x, h0), rtol=1e-12, atol=1e-13)
+    logits, _, _ = model.forward(spec, params, x, h0)
+    np.testing.assert_allclose(logits, ref_logits(spec, params, x, h0), rtol=1e-12, atol=1e-13)
 
 
 def test_h_last_is_the_final_state():
-    params = perturbed_params(V, H, 2, False)
-    spec = model.spec_of(params)
+    spec, params = perturbed_params(V, H, 2, False)
     h0 = random_state(spec, N)
     x = np.random.default_rng(4).integers(0, V, size=(N, T))
-    _, h_last, _ = model.forward(params, x, h0)
+    _, h_last, _ = model.forward(spec, params, x, h0)
     for n in range(N):
         seq = [int(c) for c in x[n]]
         for l in range(spec.L):
@@ -144,27 +142,29 @@ def _changed(x, cols, rng):
     return x2
 
 
+@pytest.mark.parametrize("cell", cells.NAMES)
 @pytest.mark.parametrize("L", [1, 3])
-def test_next_char_model_is_causal(L):
-    params = perturbed_params(V, H, L, False)
+def test_next_char_model_is_causal(L, cell):
+    spec, params = perturbed_params(V, H, L, False, cell=cell)
     rng = np.random.default_rng(6)
     x = rng.integers(0, V, size=(N, T))
-    base, _, _ = model.forward(params, x)
+    base, _, _ = model.forward(spec, params, x)
     for k in range(T - 1):
-        changed, _, _ = model.forward(params, _changed(x, slice(k + 1, None), rng))
+        changed, _, _ = model.forward(spec, params, _changed(x, slice(k + 1, None), rng))
         np.testing.assert_array_equal(changed[: (k + 1) * N], base[: (k + 1) * N],
                                       err_msg=f"logits at positions <= {k} depend on x[:, {k + 1}:]")
         assert not np.allclose(changed[(k + 1) * N:], base[(k + 1) * N:])  # the future does change
 
 
+@pytest.mark.parametrize("cell", cells.NAMES)
 @pytest.mark.parametrize("L", [1, 2])
-def test_cloze_model_never_reads_its_target(L):
-    params = perturbed_params(V, H, L, True)
+def test_cloze_model_never_reads_its_target(L, cell):
+    spec, params = perturbed_params(V, H, L, True, cell=cell)
     rng = np.random.default_rng(7)
     x = rng.integers(0, V, size=(N, T))
-    base, _, _ = model.forward(params, x)
+    base, _, _ = model.forward(spec, params, x)
     for t in range(T):
-        changed, _, _ = model.forward(params, _changed(x, t, rng))
+        changed, _, _ = model.forward(spec, params, _changed(x, t, rng))
         rows = slice(t * N, (t + 1) * N)  # the logits that predict x[:, t]
         np.testing.assert_array_equal(changed[rows], base[rows], err_msg=f"logits predicting x_{t} depend on x_{t}")
         others = np.ones(T * N, bool)
@@ -174,14 +174,14 @@ def test_cloze_model_never_reads_its_target(L):
 
 # ---- (d) leak test by training, with positive controls -------------------------------------------
 
-def adam_train(params, batch, steps, lr=1e-2, b1=0.9, b2=0.999, eps=1e-8):
+def adam_train(spec, params, batch, steps, lr=1e-2, b1=0.9, b2=0.999, eps=1e-8):
     """Plain Adam on loss_and_grads; batch(step) -> (x, y). Returns the per-step losses."""
     m = {k: np.zeros_like(v) for k, v in params.items()}
     v = {k: np.zeros_like(p) for k, p in params.items()}
     losses = []
     for step in range(1, steps + 1):
         x, y = batch(step)
-        result = model.loss_and_grads(params, x, y)
+        result = model.loss_and_grads(spec, params, x, y)
         losses.append(result.loss)
         for k, g in result.grads.items():
             m[k] = b1 * m[k] + (1 - b1) * g
@@ -205,13 +205,15 @@ def _periodic_windows(rng, period):
     return batch
 
 
-def test_cloze_model_cannot_learn_iid_noise():
+@pytest.mark.parametrize("cell", cells.NAMES)
+def test_cloze_model_cannot_learn_iid_noise(cell):
     """On i.i.d. uniform characters a leak-free cloze model stays near ln V; a leak would reach ~0."""
     rng = np.random.default_rng(8)
-    params = model.init_params(LEAK_V, LEAK_H, 1, True, rng, np.float64)
-    losses = adam_train(params, lambda _: (rng.integers(0, LEAK_V, size=(LEAK_N, LEAK_T)), None), LEAK_STEPS)
+    spec = model.make_spec(LEAK_V, LEAK_H, 1, True, cell)
+    params = model.init_params(spec, rng, np.float64)
+    losses = adam_train(spec, params, lambda _: (rng.integers(0, LEAK_V, size=(LEAK_N, LEAK_T)), None), LEAK_STEPS)
     fresh = rng.integers(0, LEAK_V, size=(64, LEAK_T))
-    held_out = model.loss_and_grads(params, fresh).loss
+    held_out = model.loss_and_grads(spec, params, fresh).loss
     assert losses[-50:].mean() > 0.9 * math.log(LEAK_V), losses[-50:].mean()
     assert held_out > 0.9 * math.log(LEAK_V), held_out
 
@@ -219,91 +221,107 @@ def test_cloze_model_cannot_learn_iid_noise():
 def test_next_char_model_learns_a_repeating_sequence():
     """Positive control for the training budget above: a learnable signal is learned."""
     rng = np.random.default_rng(9)
-    params = model.init_params(LEAK_V, LEAK_H, 1, False, rng, np.float64)
-    losses = adam_train(params, _periodic_windows(rng, LEAK_V), LEAK_STEPS)
+    spec = model.make_spec(LEAK_V, LEAK_H, 1, False)
+    params = model.init_params(spec, rng, np.float64)
+    losses = adam_train(spec, params, _periodic_windows(rng, LEAK_V), LEAK_STEPS)
     assert losses[0] > 0.9 * math.log(LEAK_V)
     assert losses[-20:].mean() < 0.25 * math.log(LEAK_V), losses[-20:].mean()
 
 
-def test_cloze_model_learns_a_repeating_sequence():
+@pytest.mark.parametrize("cell", cells.NAMES)
+def test_cloze_model_learns_a_repeating_sequence(cell):
     """Positive control for the cloze model itself: neighbours determine x_t, and it learns that."""
     rng = np.random.default_rng(10)
-    params = model.init_params(LEAK_V, LEAK_H, 1, True, rng, np.float64)
+    spec = model.make_spec(LEAK_V, LEAK_H, 1, True, cell)
+    params = model.init_params(spec, rng, np.float64)
     windows = _periodic_windows(rng, LEAK_V)
-    losses = adam_train(params, lambda s: (windows(s)[0], None), LEAK_STEPS)
+    losses = adam_train(spec, params, lambda s: (windows(s)[0], None), LEAK_STEPS)
     assert losses[-20:].mean() < 0.25 * math.log(LEAK_V), losses[-20:].mean()
 
 
 # ---- (e) initial loss ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("cell", cells.NAMES)
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["next-char", "cloze"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_initial_loss_is_near_ln_V(dtype, bidirectional):
+def test_initial_loss_is_near_ln_V(dtype, bidirectional, cell):
     V0, H0 = 65, 64
     rng = np.random.default_rng(11)
-    params = model.init_params(V0, H0, 1, bidirectional, rng, dtype)
+    spec = model.make_spec(V0, H0, 1, bidirectional, cell)
+    params = model.init_params(spec, rng, dtype)
     assert all(p.dtype == dtype for p in params.values())
     x = rng.integers(0, V0, size=(16, 32))
     y = None if bidirectional else rng.integers(0, V0, size=(16, 32))
-    result = model.loss_and_grads(params, x, y)
+    result = model.loss_and_grads(spec, params, x, y)
     assert abs(result.loss - math.log(V0)) < 0.1, (result.loss, math.log(V0))
     assert all(result.grads[k].dtype == dtype for k in params)
 
 
 # ---- (f) carrying the state ---------------------------------------------------------------------
 
+@pytest.mark.parametrize("cell", cells.NAMES)
 @pytest.mark.parametrize("L", [1, 2])
-def test_two_carried_windows_equal_one_long_window(L):
-    params = perturbed_params(V, H, L, False)
-    spec = model.spec_of(params)
+def test_two_carried_windows_equal_one_long_window(L, cell):
+    spec, params = perturbed_params(V, H, L, False, cell=cell)
     h0 = random_state(spec, N)
     x = np.random.default_rng(12).integers(0, V, size=(N, 2 * T))
-    full, h_full, _ = model.forward(params, x, h0)
-    first, h_first, _ = model.forward(params, x[:, :T], h0)
-    second, h_second, _ = model.forward(params, x[:, T:], h_first)
+    full, h_full, _ = model.forward(spec, params, x, h0)
+    first, h_first, _ = model.forward(spec, params, x[:, :T], h0)
+    second, h_second, _ = model.forward(spec, params, x[:, T:], h_first)
     np.testing.assert_allclose(np.concatenate([first, second]), full, rtol=1e-12, atol=1e-14)
     for l in range(L):
         np.testing.assert_allclose(h_second["fwd"][l], h_full["fwd"][l], rtol=1e-12, atol=1e-14)
     # and the carried state matters: starting the second window from zeros differs
-    fresh, _, _ = model.forward(params, x[:, T:])
+    fresh, _, _ = model.forward(spec, params, x[:, T:])
     assert not np.allclose(fresh, second)
 
 
 # ---- (g) initialization -------------------------------------------------------------------------
 
+@pytest.mark.parametrize("cell", cells.NAMES)
 @pytest.mark.parametrize("L, bidirectional", [(1, False), (2, True)])
-def test_init_depends_only_on_shapes_and_seed(L, bidirectional):
-    a = model.init_params(7, 5, L, bidirectional, np.random.default_rng(3))
-    b = model.init_params(7, 5, L, bidirectional, np.random.default_rng(3))
-    c = model.init_params(7, 5, L, bidirectional, np.random.default_rng(4))
-    wide = model.init_params(7, 5, L, bidirectional, np.random.default_rng(3), np.float64)
-    shapes = model.param_shapes(7, 5, L, bidirectional)
+def test_init_depends_only_on_shapes_and_seed(L, bidirectional, cell):
+    spec = model.make_spec(7, 5, L, bidirectional, cell)
+    a = model.init_params(spec, np.random.default_rng(3))
+    b = model.init_params(spec, np.random.default_rng(3))
+    c = model.init_params(spec, np.random.default_rng(4))
+    wide = model.init_params(spec, np.random.default_rng(3), np.float64)
+    shapes = model.param_shapes(spec)
     assert list(a) == list(shapes)
     for k, shape in shapes.items():
         assert a[k].shape == shape and a[k].dtype == np.float32
         np.testing.assert_array_equal(a[k], b[k])
         np.testing.assert_array_equal(a[k], wide[k].astype(np.float32))
-        if k.endswith(".b_h") or k.endswith(".b_o"):
+        if k.endswith(".b_h") and cell == "lstm":  # the forget gate's block starts at 1
+            np.testing.assert_array_equal(a[k], np.repeat(np.array([0, 1, 0, 0], np.float32), 5))
+        elif k.endswith((".b_h", ".b_o", ".b_hn")):
             assert not a[k].any()
         else:
             assert not np.array_equal(a[k], c[k]), k
 
 
-def test_init_recurrent_matrices_are_scaled_orthogonal():
-    params = model.init_params(7, 6, 2, True, np.random.default_rng(0), np.float64, scale=0.5)
+@pytest.mark.parametrize("cell", cells.NAMES)
+def test_init_recurrent_matrices_are_scaled_orthogonal(cell):
+    """Every (H, H) gate block of W_hh is 0.5 times an orthogonal matrix, each block its own."""
+    spec = model.make_spec(7, 6, 2, True, cell)
+    params = model.init_params(spec, np.random.default_rng(0), np.float64, scale=0.5)
     for k, w in params.items():
         if k.endswith("W_hh"):
-            np.testing.assert_allclose(w @ w.T, 0.25 * np.eye(6), atol=1e-12, err_msg=k)
+            blocks = w.reshape(-1, 6, 6)
+            assert len(blocks) == len(spec.unit.gates)
+            for b in blocks:
+                np.testing.assert_allclose(b @ b.T, 0.25 * np.eye(6), atol=1e-12, err_msg=k)
+            assert len(blocks) == 1 or not np.allclose(blocks[0], blocks[1])
 
 
 @pytest.mark.parametrize("id_dtype", [np.uint8, np.uint16])
 def test_unsigned_ids_from_the_dataset_give_the_same_results(id_dtype):
     """The encoded corpus stores ids as uint8/uint16; the model must treat them like int64."""
-    params = perturbed_params(V, H, 2, False)
+    spec, params = perturbed_params(V, H, 2, False)
     rng = np.random.default_rng(13)
     x, y = rng.integers(0, V, size=(N, T)), rng.integers(0, V, size=(N, T))
-    wide = model.loss_and_grads(params, x, y)
-    small = model.loss_and_grads(params, x.astype(id_dtype), y.astype(id_dtype))
+    wide = model.loss_and_grads(spec, params, x, y)
+    small = model.loss_and_grads(spec, params, x.astype(id_dtype), y.astype(id_dtype))
     assert small.loss == wide.loss
     for k in params:
         np.testing.assert_array_equal(small.grads[k], wide.grads[k], err_msg=k)

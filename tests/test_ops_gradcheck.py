@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from charrnn import model, ops
+from charrnn import cells, model, ops
 from charrnn.gradcheck import numeric_gradient, rel_error, worst
 
 N, S, V, H, D, K = 2, 3, 6, 5, 4, 3  # batch, steps, vocab, hidden, affine input, affine output
@@ -125,12 +125,16 @@ def rnn_inputs(rng):
     return pre, h0, W_hh, dout
 
 
+RNN = cells.get("rnn")
+
+
 def test_rnn_gradients_including_dh0_and_dW_hh(rng):
     pre, h0, W_hh, dout = rnn_inputs(rng)
-    hs, cache = ops.rnn_forward(pre, h0, W_hh)
+    hs, _, cache = RNN.forward(pre, h0, {"W_hh": W_hh})
     assert hs.shape == (S + 1, N, H)
-    dpre, dh0, dW_hh = ops.rnn_backward(dout, cache)
-    f = lambda p, h, w: np.sum(ops.rnn_forward(p, h, w)[0][1:] * dout)  # noqa: E731
+    dpre, dh0, grads, _ = RNN.backward(dout, cache)
+    dW_hh = grads["W_hh"]
+    f = lambda p, h, w: np.sum(RNN.forward(p, h, {"W_hh": w})[0][1:] * dout)  # noqa: E731
     assert_grad("pre", dpre, numeric_gradient(lambda a: f(a, h0, W_hh), pre))
     assert_grad("h0", dh0, numeric_gradient(lambda a: f(pre, a, W_hh), h0))
     assert_grad("W_hh", dW_hh, numeric_gradient(lambda a: f(pre, h0, a), W_hh))
@@ -140,18 +144,19 @@ def test_rnn_gradients_including_dh0_and_dW_hh(rng):
 
 def test_rnn_forward_matches_step_by_step(rng):
     pre, h0, W_hh, _ = rnn_inputs(rng)
-    hs, _ = ops.rnn_forward(pre, h0, W_hh)
+    hs, h_last, _ = RNN.forward(pre, h0, {"W_hh": W_hh})
     np.testing.assert_array_equal(hs[0], h0)
+    np.testing.assert_array_equal(h_last, hs[S])
     h = h0
     for t in range(S):
         h = np.tanh(h @ W_hh.T + pre[t])
         np.testing.assert_allclose(hs[t + 1], h, rtol=1e-13, atol=1e-15)
 
 
-def test_rnn_step_forward_writes_out(rng):
+def test_rnn_step_writes_out(rng):
     pre, h0, W_hh, _ = rnn_inputs(rng)
     out = np.empty((N, H))
-    result = ops.rnn_step_forward(h0, pre[0], ops.step_plan(W_hh, N), out)
+    result = RNN.step(h0, pre[0], h0 @ W_hh.T, {"W_hh": W_hh}, out)
     assert result is out
     np.testing.assert_allclose(out, np.tanh(W_hh @ h0.T + pre[0].T).T, rtol=1e-13)
 
@@ -216,20 +221,20 @@ def test_dropout_mask_values_and_rate():
 
 def test_dropout_gradients_through_model(rng):
     """Stacked model with fixed masks: gradients flow through the inter-layer and head masks."""
-    params = model.init_params(V, 4, 2, False, rng, np.float64)
+    spec = model.make_spec(V, 4, 2, False)
+    params = model.init_params(spec, rng, np.float64)
     params = {k: v + rng.normal(scale=0.1, size=v.shape) for k, v in params.items()}
-    spec = model.spec_of(params)
     x = ids(rng, (N, S))
     masks = model.dropout_masks(spec, N, S, 0.3, rng, np.float64)
     assert set(masks) == {"layers.0.fwd", "out"}
     R = rng.normal(size=(S * N, V))
-    logits, _, cache = model.forward(params, x, masks=masks)
-    plain, _, _ = model.forward(params, x)
+    logits, _, cache = model.forward(spec, params, x, masks=masks)
+    plain, _, _ = model.forward(spec, params, x)
     assert not np.allclose(logits, plain)  # the masks are really applied
     grads, _ = model.backward(R, cache)
     for key in ("layers.0.fwd.W_xh", "layers.0.fwd.W_hh", "layers.1.fwd.W_xh", "out.W_ho"):
         def f(a, key=key):
-            return np.sum(model.forward({**params, key: a}, x, masks=masks)[0] * R)
+            return np.sum(model.forward(spec, {**params, key: a}, x, masks=masks)[0] * R)
         assert_grad(key, grads[key], numeric_gradient(f, params[key]))
 
 
@@ -267,11 +272,11 @@ def test_primitives_do_not_modify_inputs(rng):
 
     pre, h0, W_hh, dh = rnn_inputs(rng)
     before = _snapshot(pre, h0, W_hh)
-    hs, cache = ops.rnn_forward(pre, h0, W_hh)
-    _unchanged(before, (pre, h0, W_hh), "rnn_forward")
+    hs, _, cache = RNN.forward(pre, h0, {"W_hh": W_hh})
+    _unchanged(before, (pre, h0, W_hh), "rnn forward")
     before = _snapshot(dh, hs, W_hh)
-    ops.rnn_backward(dh, cache)
-    _unchanged(before, (dh, hs, W_hh), "rnn_backward")
+    RNN.backward(dh, cache, keep=True)
+    _unchanged(before, (dh, hs, W_hh), "rnn backward")
 
     logits, y = rng.normal(size=(6, V)), ids(rng, 6)
     before = _snapshot(logits, y)
@@ -280,16 +285,17 @@ def test_primitives_do_not_modify_inputs(rng):
     _unchanged(before, (logits, y), "softmax_cross_entropy / cross_entropy_sum")
 
 
+@pytest.mark.parametrize("cell", cells.NAMES)
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_model_does_not_modify_inputs(rng, bidirectional):
-    params = model.init_params(V, 4, 2, bidirectional, rng, np.float64)
-    spec = model.spec_of(params)
+def test_model_does_not_modify_inputs(rng, bidirectional, cell):
+    spec = model.make_spec(V, 4, 2, bidirectional, cell)
+    params = model.init_params(spec, rng, np.float64)
     x = ids(rng, (N, S))
-    h0 = {d: [rng.normal(scale=0.3, size=(N, 4)) for _ in range(2)] for d in spec.dirs}
+    h0 = {d: [rng.normal(scale=0.3, size=(N, spec.state_size)) for _ in range(2)] for d in spec.dirs}
     masks = model.dropout_masks(spec, N, S, 0.3, rng, np.float64)
     y = None if bidirectional else ids(rng, (N, S))
     keys = sorted(params)
     before = _snapshot(x, *[params[k] for k in keys], *[a for d in spec.dirs for a in h0[d]], *masks.values())
-    model.loss_and_grads(params, x, y, h0, masks)
+    model.loss_and_grads(spec, params, x, y, h0, masks)
     after = (x, *[params[k] for k in keys], *[a for d in spec.dirs for a in h0[d]], *masks.values())
     _unchanged(before, after, "model.loss_and_grads")

@@ -63,7 +63,8 @@ def test_diagnose_plot_writes_a_png(two_runs, tmp_path):
 def test_profile_plot_of_a_cloze_model(tmp_path):
     pytest.importorskip("matplotlib")
     rng = np.random.default_rng(0)
-    prof = diagnose.profile(model.init_params(6, 5, 1, True, rng, np.float64), rng.integers(0, 6, 200), K=3, T=8)
+    spec = model.make_spec(6, 5, 1, True)
+    prof = diagnose.profile(spec, model.init_params(spec, rng, np.float64), rng.integers(0, 6, 200), K=3, T=8)
     assert is_png(plot.plot_profile(prof, tmp_path / "cloze.png"))
 
 

@@ -105,7 +105,7 @@ def test_runs_command_table_and_json(base):
     lines = res.output.splitlines()
     assert lines[0].split()[:3] == ["name", "model", "params"]
     row = next(line for line in lines if line.startswith("stopped"))
-    assert "vanilla 1x8" in row and "3/6" in row and row.rstrip().endswith("interrupted")
+    assert "rnn 1x8" in row and "3/6" in row and row.rstrip().endswith("interrupted")
     doc = json.loads(CliRunner().invoke(cli, ["runs", str(base), "--json"]).output)
     assert [d["name"] for d in doc] == [r.name for r in runs.list_runs(base)]
     assert {d["name"]: d["state"] for d in doc}["finished"] == "finished"

@@ -335,9 +335,8 @@ def test_max_steps_0_writes_the_initialized_model(cli_invoke, write_text, tmp_pa
     assert not (run / "checkpoints" / "best.npz").exists()
     assert not runlog.read_metrics(run / "metrics.jsonl")
     cfg = config.from_dict(ck.meta["config"], "meta")
-    expected = model.init_params(len(ck.meta["vocab"]), cfg.model.hidden_size, cfg.model.num_layers,
-                                 cfg.model.bidirectional, np.random.default_rng(11), np.dtype(cfg.train.dtype),
-                                 cfg.model.init_scale)
+    expected = model.init_params(model.spec_of_config(len(ck.meta["vocab"]), cfg.model), np.random.default_rng(11),
+                                 np.dtype(cfg.train.dtype), cfg.model.init_scale)
     assert_same_params(expected, ck.params)
     assert ck.optim and all(not a.any() for slot in ck.optim.values() for a in slot.values())
 
@@ -365,7 +364,7 @@ def test_a_repeated_phrase_is_learned(shared_run, tiny):
     assert records[-1]["val_loss"] < 0.1
     ck = checkpoint.load(run)  # best.npz
     data = dataset.load(config.from_dict(ck.meta["config"], "meta").data)
-    assert evaluate.evaluate_ids(ck.params, data.train, 16).loss < 0.1
+    assert evaluate.evaluate_ids(ck.spec, ck.params, data.train, 16).loss < 0.1
 
 
 # ---- --init-from -------------------------------------------------------------------------------------------
@@ -493,7 +492,7 @@ def test_best_checkpoint_has_the_lowest_validation_loss(tmp_path, corpus, tiny):
     assert best.meta["best_val_loss"] == vals[best_step] == summary.best_val_loss
     assert load_last(run).meta["best_val_loss"] == vals[best_step]
     data = dataset.load(config.from_dict(best.meta["config"], "meta").data)
-    assert evaluate.evaluate_ids(best.params, data.val, 16).loss == vals[best_step]
+    assert evaluate.evaluate_ids(best.spec, best.params, data.val, 16).loss == vals[best_step]
     assert checkpoint.resolve(run) == run / "checkpoints" / "best.npz"
 
 
