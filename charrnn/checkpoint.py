@@ -214,7 +214,7 @@ def load(target: str | Path, with_training_state: bool = True) -> Checkpoint:
                 if info.filename == "meta.npy":
                     continue
                 if info.filename not in allowed:
-                    raise _fail(path, f"unexpected entry {info.filename!r}")
+                    raise _fail(path, f"unexpected entry {info.filename!r} for the {spec.cell} model its meta describes")
                 if info.file_size > allowed[info.filename]:
                     raise _fail(path, f"entry {info.filename} declares {info.file_size:,} bytes, more than its shape allows; refusing to load it")
             wanted = [info for info in zf.infolist() if info.filename != "meta.npy"

@@ -205,3 +205,48 @@ def test_a_checkpoint_file_resolves_to_itself(next_char_run):
     path = next_char_run / "checkpoints" / "last.npz"
     assert checkpoint.resolve(path) == path
     assert checkpoint.resolve(str(path)) == path
+
+
+# ---- gated cells -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lstm_run(shared_run):
+    return shared_run(TEXT, "model.cell=lstm", "model.num_layers=2", "train.max_steps=6", "train.eval_every=3")
+
+
+def test_an_lstm_checkpoint_names_its_cell_and_carries_h_and_c(lstm_run):
+    entries = npz(lstm_run / "checkpoints" / "last.npz")
+    meta = json.loads(str(entries["meta"][()]))
+    assert meta["format_version"] == 2 and meta["config"]["model"]["cell"] == "lstm"
+    assert entries["layers.0.fwd.W_hh"].shape == (64, 16) and entries["layers.1.fwd.W_xh"].shape == (64, 16)
+    for l in (0, 1):  # state/fwd/l is [h | c]: (N, 2H), the c half not a copy of h
+        state = entries[f"state/fwd/{l}"]
+        assert state.shape == (8, 32) and not np.array_equal(state[:, :16], state[:, 16:])
+    ck = checkpoint.load(lstm_run)
+    assert (ck.spec.cell, ck.spec.L, ck.spec.state_size) == ("lstm", 2, 32)
+
+
+@pytest.mark.parametrize("cell, other", [("rnn", "lstm"), ("rnn", "gru"), ("lstm", "gru"), ("gru", "rnn")])
+def test_a_cell_that_disagrees_with_the_shapes_is_refused(tmp_path, shared_run, cell, other):
+    """The meta names one cell, the arrays have another's shapes: one line naming both."""
+    src = shared_run(TEXT, f"model.cell={cell}", "train.max_steps=2", "train.eval_every=2")
+
+    def relabel(e):
+        meta = json.loads(str(e["meta"][()]))
+        meta["config"]["model"]["cell"] = other
+        return {**e, "meta": np.array(json.dumps(meta))}
+    bad = rewrite(src / "checkpoints" / "last.npz", tmp_path / "bad.npz", relabel)
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load(bad)
+    message = str(err.value)
+    assert "\n" not in message and other in message and ("shape" in message or "unexpected entry" in message)
+
+
+def test_an_unknown_cell_in_meta_is_refused(tmp_path, lstm_run):
+    def relabel(e):
+        meta = json.loads(str(e["meta"][()]))
+        meta["config"]["model"]["cell"] = "transformer"
+        return {**e, "meta": np.array(json.dumps(meta))}
+    bad = rewrite(lstm_run / "checkpoints" / "last.npz", tmp_path / "bad.npz", relabel)
+    with pytest.raises(CheckpointError, match="model.cell"):
+        checkpoint.load(bad)

@@ -36,6 +36,12 @@ CASES = {
     "float32-adagrad-clip-value": ("train.optimizer=adagrad", "train.lr=0.05", "train.clip_value=0.01"),
     "cloze-float64": ("model.bidirectional=true", "train.dtype=float64"),
     "cloze-float32-dropout-2-layers": ("model.bidirectional=true", "model.dropout=0.2", "model.num_layers=2"),
+    # gated cells: the LSTM carries h and c across windows and through the checkpoint
+    "lstm-float32-dropout-2-layers": ("model.cell=lstm", "model.dropout=0.3", "model.num_layers=2"),
+    "lstm-float64": ("model.cell=lstm", "train.dtype=float64"),
+    "gru-float32-2-layers": ("model.cell=gru", "model.num_layers=2"),
+    "gru-float64-dropout": ("model.cell=gru", "train.dtype=float64", "model.dropout=0.3"),
+    "lstm-cloze-float64": ("model.cell=lstm", "model.bidirectional=true", "train.dtype=float64"),
 }
 
 
