@@ -292,35 +292,47 @@ def _text_ids(ck, cfg, corpus: Path | None) -> tuple[np.ndarray, str]:
 
 
 @cli.command(name="diagnose", context_settings=CONTEXT)
-@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("targets", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Take the windows from this text file instead of the run's validation text.")
+              help="Take the windows from this text file instead of each run's validation text "
+                   "(give it to compare models on the same text).")
 @click.option("-k", "--windows", type=click.IntRange(min=1), default=32, show_default=True,
               help="Windows (evenly spaced over the text) to average the gradient norms over.")
 @click.option("-T", "--length", type=click.IntRange(min=2), default=None,
               help="Characters per window, i.e. the farthest distance measured (default: the run's train.seq_len).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also draw the profile into this PNG file (needs matplotlib).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def diagnose_(target, corpus, windows, length, plot_path, as_json):
-    """Vanishing or exploding gradients: ||dL/dh_t|| against distance from the loss, per layer."""
+              help="Also draw the profiles into this PNG file (needs matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per checkpoint instead of the tables.")
+def diagnose_(targets, corpus, windows, length, plot_path, as_json):
+    """Vanishing or exploding gradients: ||dL/dh_t|| against distance from the loss, per layer.
+
+    Give several checkpoints or runs (e.g. an rnn and an lstm trained on the same text) to see
+    their profiles one after the other, summed up side by side, and drawn together with --plot."""
     from charrnn import diagnose
 
-    ck = checkpoint.load(target, with_training_state=False)
-    cfg = config.from_dict(ck.meta["config"], str(ck.path))
-    ids, source = _text_ids(ck, cfg, corpus)
-    prof = diagnose.profile(ck.spec, ck.params, ids, windows, length or cfg.train.seq_len)
+    named = []
+    for target in targets:
+        ck = checkpoint.load(target, with_training_state=False)
+        cfg = config.from_dict(ck.meta["config"], str(ck.path))
+        ids, source = _text_ids(ck, cfg, corpus)
+        prof = diagnose.profile(ck.spec, ck.params, ids, windows, length or cfg.train.seq_len)
+        named.append((ck, source, prof))
     if plot_path is not None:
-        from charrnn.plot import plot_profile
+        from charrnn.plot import plot_profiles
 
-        plot_profile(prof, plot_path, f"gradient flow: {ck.path} (step {ck.meta.get('step')})")
+        labels = [str(target) if len(targets) > 1 else "" for target in targets]
+        plot_profiles([(label, prof) for label, (_, _, prof) in zip(labels, named)], plot_path,
+                      "" if len(targets) > 1 else f"gradient flow: {named[0][0].path} (step {named[0][0].meta.get('step')})")
         click.echo(f"wrote {plot_path}", err=True)
-    if as_json:
-        click.echo(json.dumps({"checkpoint": str(ck.path), "step": ck.meta.get("step"), "text": source,
-                               **diagnose.profile_dict(prof)}))
-        return
-    click.echo(f"checkpoint {ck.path} (step {ck.meta.get('step')}); windows from {source}")
-    click.echo(diagnose.format_profile(prof))
+    for i, (ck, source, prof) in enumerate(named):
+        if as_json:
+            click.echo(json.dumps({"checkpoint": str(ck.path), "step": ck.meta.get("step"), "text": source,
+                                   **diagnose.profile_dict(prof)}))
+            continue
+        click.echo(("\n" if i else "") + f"checkpoint {ck.path} (step {ck.meta.get('step')}); windows from {source}")
+        click.echo(diagnose.format_profile(prof))
+    if len(named) > 1 and not as_json:
+        click.echo("\n" + diagnose.format_comparison([(str(ck.path), prof) for ck, _, prof in named]))
 
 
 @cli.command(name="plot", context_settings=CONTEXT)

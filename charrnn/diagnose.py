@@ -268,3 +268,18 @@ def format_profile(prof: Profile, max_rows: int = 65) -> str:
     lines.append("")
     lines += [_layer_line(n, f) for n, f in prof.layers.items()]
     return "\n".join(lines + ["", cells.get(prof.cell).flow_note])
+
+
+def format_comparison(named: list) -> str:
+    """Side by side, one line per model and layer: how much of the gradient survives the window.
+
+    named is [(label, Profile)]. 'kept' is ||dL/dh|| at the farthest distance over its value at
+    distance 0, the fraction of the gradient signal that reaches the start of the window."""
+    lines = ["comparison: mean ||dL/dh|| at distance 0 and at the farthest distance, and the fitted factor per step",
+             f"{'model':<40} {'cell':<5} {'layer':<14} {'|dL/dh| d=0':>12} {'d=max':>10} {'kept':>10} {'factor/step':>12}"]
+    for label, prof in named:
+        for name, f in prof.layers.items():
+            first, last = float(f.norms[0]), float(f.norms[-1])
+            kept = last / first if first > 0 else math.nan
+            lines.append(f"{label[-40:]:<40} {prof.cell:<5} {name:<14} {first:12.3e} {last:10.3e} {kept:10.2e} {f.factor:12.4f}")
+    return "\n".join(lines)

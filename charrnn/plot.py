@@ -161,19 +161,27 @@ def _style(loss, gnorm, lr, sigma, xlabel: str, any_sigma: bool) -> None:
 
 def plot_profile(prof, out: str | Path, title: str = "") -> Path:
     """Mean ||dL/dh|| against distance on a log scale, one line per layer, with the fitted rate."""
+    return plot_profiles([("", prof)], out, title)
+
+
+def plot_profiles(named: list, out: str | Path, title: str = "") -> Path:
+    """Several models' profiles on one set of axes: named is [(label, Profile)], labels prefix
+    each layer's line (e.g. an rnn and an lstm trained on the same text, side by side)."""
     import numpy as np
 
     from charrnn.diagnose import fit_line
 
     fig = _figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
-    for i, (name, f) in enumerate(prof.layers.items()):
+    lines = [(f"{label} {prof.cell} {name}".strip(), f) for label, prof in named for name, f in prof.layers.items()]
+    for i, (name, f) in enumerate(lines):
         k = np.arange(len(f.norms))
         ax.plot(k, f.norms, color=f"C{i}", marker="o", ms=3, label=f"{name}: sigma_max(W_hh) = {f.sigma:.3f}")
         slope, intercept = fit_line(f.norms)
         if math.isfinite(slope):
             ax.plot(k, np.exp(intercept + slope * k), color=f"C{i}", ls="--", lw=1,
                     label=f"{name} fit: x{math.exp(slope):.3f} per step")
+    prof = named[0][1]
     ax.set(yscale="log", xlabel="distance back from the loss position (steps)", ylabel="mean ||dL/dh_t|| (log scale)",
            title=title or f"gradient flow over {prof.windows} windows of {prof.length} characters")
     ax.grid(True, which="both", alpha=0.3)
