@@ -158,8 +158,9 @@ def tower_forward(spec: Spec, params, d: str, ids, s0: list, masks):
         if l == 0:
             pre, in_cache = ops.lookup_forward(ids, p["W_xh"], p["b_h"])  # (S, N, G*H)
         else:
-            pre, in_cache = ops.affine_forward(inp.reshape(S * N, -1), p["W_xh"], p["b_h"])
-            pre = pre.reshape(S, N, -1)  # (S, N, G*H)
+            # explicit widths: a cloze tower of an edge window runs S = 0 steps, and -1 cannot be inferred from size 0
+            pre, in_cache = ops.affine_forward(inp.reshape(S * N, inp.shape[-1]), p["W_xh"], p["b_h"])
+            pre = pre.reshape(S, N, p["W_xh"].shape[0])  # (S, N, G*H)
         hs, last, cell_cache = spec.unit.forward(pre, s0[l], p)  # (S+1, N, H), (N, k*H)
         s_last.append(last)
         mask = masks.get(f"layers.{l}.{d}") if masks and l < spec.L - 1 else None
@@ -183,7 +184,7 @@ def tower_backward(spec: Spec, dh_top, d: str, layer_caches, keep: bool = False)
             grads[prefix + "W_xh"], grads[prefix + "b_h"] = ops.lookup_backward(dpre, c.input)
         else:
             dinp, grads[prefix + "W_xh"], grads[prefix + "b_h"] = ops.affine_backward(dpre.reshape(S * N, GH), c.input)
-            dh = dinp.reshape(S, N, -1)  # (S, N, H) gradient reaching layer l-1's outputs
+            dh = dinp.reshape(S, N, spec.H)  # (S, N, H) gradient reaching layer l-1's outputs
             below_mask = layer_caches[l - 1].mask
             if below_mask is not None:
                 dh = dh * below_mask

@@ -149,7 +149,9 @@ def test_steps_reproduce_the_window(rng, form):
     hs, s_last, _ = CELL.forward(pre, s0, {"W_hh": W_hh})
     s, out = s0.copy(), np.empty_like(s0)
     for t in range(S):
-        returned = CELL.step(s, pre[t], s[:, :H] @ W_hh.T, {"W_hh": W_hh}, out)
+        # the sampler hands over a transposed view in the feature-major form: give one here too
+        rec = (W_hh @ s[:, :H].T).T if form == "feature-major" else s[:, :H] @ W_hh.T  # (N, 4H)
+        returned = CELL.step(s, pre[t], rec, {"W_hh": W_hh}, out)
         assert returned is out
         np.testing.assert_allclose(out[:, :H], hs[t + 1], rtol=1e-13, atol=1e-15)
         s, out = out, s  # swapped buffers, as the sampler does

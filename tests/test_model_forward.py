@@ -325,3 +325,16 @@ def test_unsigned_ids_from_the_dataset_give_the_same_results(id_dtype):
     assert small.loss == wide.loss
     for k in params:
         np.testing.assert_array_equal(small.grads[k], wide.grads[k], err_msg=k)
+
+
+@pytest.mark.parametrize("cell", cells.NAMES)
+def test_a_one_character_cloze_window_of_a_stacked_model(cell):
+    """T = 1: each tower runs S = 0 steps and the head reads only the edge states (this crashed
+    stacked models, whose upper layers reshaped an empty input)."""
+    spec, params = perturbed_params(V, H, 2, True, cell=cell)
+    x = np.random.default_rng(14).integers(0, V, size=(N, 1))
+    logits, _, cache = model.forward(spec, params, x)
+    assert logits.shape == (N, V)
+    np.testing.assert_allclose(logits, np.broadcast_to(params["out.b_o"], (N, V)), rtol=1e-12)  # zero edges
+    grads, _ = model.backward(np.ones_like(logits), cache)
+    assert set(grads) == set(params) and not grads["layers.1.fwd.W_hh"].any()

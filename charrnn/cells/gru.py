@@ -123,38 +123,28 @@ class GRU(Cell):
     def backward(self, dh, cache: GRUCache, keep=False):
         """Backpropagation through time over the whole window.
 
-        With dh_t the total gradient at h_t (upstream dh[t] plus what flows back from h_{t+1}):
-            da_n = dh_t (1 - z) (1 - n^2)                 through h_t = ... + (1 - z) n, then tanh
-            da_z = dh_t (h_{t-1} - n) z (1 - z)           through z (h_{t-1} - n), then sigmoid
-            da_r = da_n (rec_n + b_hn) r (1 - r)          through r * (rec_n + b_hn), then sigmoid
-            drec = da_r | da_z | da_n r                   (N, 3H): the gradient of h_{t-1} W_hh^T
-            dh_{t-1} = dh_t z + drec W_hh                 the direct carry, plus the product
-        dpre = da_r | da_z | da_n. The factors multiplying dh_t and da_n depend on the forward
-        only, so _window_factors makes them for all steps in a few batched passes, and each step
-        is five multiplies, two adds and one product. dW_hh = sum_t drec_t^T h_{t-1} is one
-        (3H, S*N) x (S*N, H) product after the loop; db_hn = sum of the n block of drec.
+        Per step, backwards: the gradient at h_t is the upstream dh[t] plus what flows back from
+        h_{t+1}; _step_back takes it through the gates to da_n and drec = h_{t-1} W_hh^T's
+        gradient, and dh_{t-1} = dh_t z + drec W_hh (the direct carry plus the product).
+        dpre = da_r | da_z | da_n; drec differs in its n block, da_n r. dW_hh = sum_t drec_t^T
+        h_{t-1} is one (3H, S*N) x (S*N, H) product after the loop, db_hn the sum of drec's n block.
         """
         xp = ops.array_module(dh)
         hs, g, q, W_hh = cache
         S, N, H = dh.shape
-        A_n, B_z, C_r = _window_factors(hs, g, q)  # (S, N, H) each
-        r, z = g[:, 0], g[:, 1]  # (S, N, H) each
         drec = xp.empty((S, N, 3 * H), dtype=dh.dtype)  # (S, N, 3H)
         da_n = xp.empty((S, N, H), dtype=dh.dtype)  # (S, N, H)
         dhs = xp.empty((S + 1, N, H), dtype=dh.dtype) if keep else None  # (S+1, N, H)
         back = _product(W_hh.T, N, ops.feature_major(H))  # rows times W_hh
         dh_t = xp.empty((N, H), dtype=dh.dtype)  # (N, H) scratch
+        tmp = xp.empty((3, N, H), dtype=dh.dtype)  # (3, N, H) scratch of _step_back
         dh_next = xp.zeros((N, H), dtype=dh.dtype)  # (N, H): nothing flows back from beyond the window
         for t in range(S - 1, -1, -1):
             xp.add(dh[t], dh_next, out=dh_t)  # total gradient at h_{t+1}
             if keep:
                 dhs[t + 1] = dh_t
-            xp.multiply(dh_t, A_n[t], out=da_n[t])  # through (1 - z) n and tanh
-            xp.multiply(dh_t, B_z[t], out=drec[t, :, H : 2 * H])  # through z, then sigmoid
-            xp.multiply(da_n[t], C_r[t], out=drec[t, :, :H])  # through r, then sigmoid
-            xp.multiply(da_n[t], r[t], out=drec[t, :, 2 * H :])  # into W_hn h_{t-1} + b_hn
-            xp.multiply(dh_t, z[t], out=dh_next)  # the direct carry z h_{t-1} ...
-            xp.add(dh_next, ops.times(back, drec[t]), out=dh_next)  # ... plus drec W_hh
+            _step_back(dh_t, g[t], q[t], hs[t], da_n[t], _blocks(drec[t]), dh_next, tmp)
+            xp.add(dh_next, ops.times(back, drec[t]), out=dh_next)  # dh_t z + drec W_hh
         if keep:
             dhs[0] = dh_next
         flat = drec.reshape(S * N, 3 * H)  # (S*N, 3H)
@@ -173,22 +163,36 @@ class GRU(Cell):
         return {"mean update gate z": float(np.mean(z)), "geometric mean z (direct-path factor per step)": geometric}
 
 
-def _window_factors(hs, g, q):
-    """The factors of backward's per-step multiplies, for all S steps in batched passes.
+def _step_back(dh_t, g, q, h_prev, da_n, drec, carry, tmp):
+    """One step of backward through the gates, from the forward's outputs alone.
 
-    Returns (S, N, H) arrays A_n = (1 - z)(1 - n^2), B_z = (h_{t-1} - n) z (1 - z) and
-    C_r = q (1 - r) = (rec_n + b_hn) r (1 - r): sigmoid' = s (1 - s) and tanh' = 1 - tanh^2 from
-    the outputs kept in the cache, which is not written.
+    Inputs: dh_t (N, H) the total gradient at h_t, g (3, N, H) the step's gates r, z, n, q (N, H)
+    = r (rec_n + b_hn), h_prev (N, H); tmp (3, N, H) scratch. Writes:
+        carry = dh_t z                                the direct path h_t = ... + z h_{t-1}
+        da_n  = dh_t (1 - z) (1 - n^2)                through (1 - z) n, then tanh' = 1 - n^2
+        da_z  = dh_t (h_{t-1} - n) z (1 - z)          through z (h_{t-1} - n), then sigmoid'
+        da_r  = da_n (rec_n + b_hn) r (1 - r)         through r (rec_n + b_hn), then sigmoid'
+              = da_n q (1 - r)
+    into carry (N, H), da_n (N, H) and the blocks of drec (3, N, H) = da_r, da_z, da_n r.
+    x (1 - z) is computed as x - x z, which needs no array holding 1 - z.
+    The factors of dh_t and da_n depend on the forward only, but making them for the whole
+    window first in batched passes (as the vanilla cell does with tanh') made backward 1 to
+    1.5 ms slower at W8 (56-57 vs 55-55.4 ms): three more (S, N, H) arrays written to memory
+    and read back, where these passes read each block of the cache once, while it is in cache.
     """
-    xp = ops.array_module(g)
-    r, z, n = g[:, 0], g[:, 1], g[:, 2]  # (S, N, H) each
-    one_minus_z = xp.subtract(1, z)  # (S, N, H)
-    A_n = xp.multiply(n, n)  # (S, N, H): n^2 ...
-    xp.subtract(1, A_n, out=A_n)  # ... -> 1 - n^2
-    xp.multiply(A_n, one_minus_z, out=A_n)
-    B_z = xp.subtract(hs[:-1], n)  # (S, N, H)
-    xp.multiply(B_z, z, out=B_z)
-    xp.multiply(B_z, one_minus_z, out=B_z)
-    C_r = xp.subtract(1, r)  # (S, N, H)
-    xp.multiply(C_r, q, out=C_r)
-    return A_n, B_z, C_r
+    xp = ops.array_module(dh_t)
+    r, z, n = g
+    u, v, dn = tmp
+    xp.multiply(dh_t, z, out=carry)  # dh_t z
+    xp.subtract(dh_t, carry, out=dn)  # dh_t (1 - z): the gradient at n
+    xp.multiply(dn, n, out=u)
+    xp.multiply(u, n, out=u)
+    xp.subtract(dn, u, out=da_n)  # dn (1 - n^2)
+    xp.subtract(h_prev, n, out=u)
+    xp.multiply(u, carry, out=u)  # dh_t z (h_{t-1} - n)
+    xp.multiply(u, z, out=v)
+    xp.subtract(u, v, out=drec[1])  # ... (1 - z): da_z
+    xp.multiply(da_n, q, out=u)  # da_n q = da_n r (rec_n + b_hn)
+    xp.multiply(u, r, out=v)
+    xp.subtract(u, v, out=drec[0])  # ... (1 - r): da_r
+    xp.multiply(da_n, r, out=drec[2])  # the gradient of rec_n + b_hn

@@ -48,7 +48,7 @@ def _gates_and_state(a, c_prev, c, tc, h, half, shift):
 
     Inputs: a (N, 4H) = pre_t + h_{t-1} W_hh^T, overwritten with the gates [i, f, g, o];
     c_prev (N, H). Writes c (N, H) = c_t, tc (N, H) = tanh(c_t) and h (N, H) = h_t; tc and h may
-    be the same array (step passes one buffer), c_prev must not be c.
+    be the same array (step passes one buffer).
     """
     xp = ops.array_module(a)
     H = c.shape[1]
