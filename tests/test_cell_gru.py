@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from charrnn import ops
-from charrnn.cells.gru import GRU, _product
+from charrnn.cells.gru import GRU
 from charrnn.gradcheck import numeric_gradient, rel_error, worst
 
 CELL = GRU()
@@ -93,15 +93,6 @@ def test_forward_and_backward_equal_the_reference_loop(rng, form):
     assert dpre.shape == pre.shape and ds0.shape == s0.shape
     for name, got, want in zip(["dpre", "ds0", "dW_hh", "db_hn"], [dpre, ds0, grads["W_hh"], grads["b_hn"]], ref):
         close(got, want, name)
-
-
-@pytest.mark.parametrize("fm", [False, True])
-@pytest.mark.parametrize("transposed", [False, True])
-def test_products_from_blocked_copies_equal_plain_products(rng, fm, transposed):
-    A = rng.standard_normal((37, 21))  # 37 and 21: several 16-wide blocks and a partial one
-    M = A.T if transposed else A[:, :19]  # a transposed view, or a contiguous-row slice
-    x = rng.standard_normal((3, M.shape[1]))
-    np.testing.assert_allclose(ops.times(_product(M, 3, fm), x), x @ M.T, rtol=1e-13)
 
 
 def test_keep_returns_the_total_gradient_at_every_state(rng, form):

@@ -43,6 +43,18 @@ def test_a_product_plan_in_either_form_equals_the_product(rng, fm):
     np.testing.assert_allclose(ops.times(plan, x), x @ M.T, rtol=1e-13)
 
 
+@pytest.mark.parametrize("fm", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_products_from_blocked_copies_equal_plain_products(rng, fm, transposed):
+    A = rng.standard_normal((37, 21))  # 37 and 21: several 16-wide blocks and a partial one
+    M = A.T if transposed else A[:, :19]  # a transposed view, or a contiguous-row slice
+    x = rng.standard_normal((3, M.shape[1]))
+    np.testing.assert_allclose(ops.times(ops.product(M, 3, fm), x), x @ M.T, rtol=1e-13)
+    np.testing.assert_array_equal(ops.aligned_copy(M), M)
+    np.testing.assert_array_equal(ops.contiguous(M), M)
+    assert ops.contiguous(M).flags.c_contiguous
+
+
 def test_the_form_follows_the_hidden_size():
     assert ops.feature_major(ops.FEATURE_MAJOR_MIN_H) and not ops.feature_major(ops.FEATURE_MAJOR_MIN_H - 1)
 
