@@ -11,9 +11,16 @@ time at least `--seconds` (8, the reference's default): on a machine whose speed
         --reference ../shared/bench/torch_reference.py --corpus ../shared/corpora/tinyshakespeare.txt
 
 Writes benchmarks/results.json and prints a markdown table.
+
+BLAS kernels: where the machine's environment pins OpenBLAS to older kernels
+(OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE, set on some hosts to work around bugs of old OpenBLAS
+builds), both sides run with those two variables removed, as on a user's machine; PyTorch uses
+MKL either way. `--keep-blas-env` keeps them. The kernel each run used is recorded (threadpoolctl,
+when installed) in the results.
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -24,9 +31,19 @@ STEPS = {"W1": 30, "W2": 20, "W3": 300, "W4": 20, "W5": 3000, "W6": 10,  # at le
          "W7": 10, "W8": 10, "W9": 6, "W10": 6}  # W7-W10: LSTM and GRU
 
 
-def run_json(cmd: list) -> dict:
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+BLAS_PINS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def run_json(cmd: list, env: dict) -> dict:
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def blas_kernel(python: str, env: dict) -> str:
+    """The OpenBLAS kernel (architecture) numpy runs with in this environment, if threadpoolctl says."""
+    probe = ("import json, numpy\ntry:\n import threadpoolctl\n info = threadpoolctl.threadpool_info()\n"
+             "except ImportError:\n info = []\nprint(json.dumps([(i.get('internal_api'), i.get('architecture')) for i in info]))")
+    return subprocess.run([python, "-c", probe], capture_output=True, text=True, env=env).stdout.strip()
 
 
 def main():
@@ -39,17 +56,20 @@ def main():
                     help="minimum timed seconds for each side (the reference's own default is 8)")
     ap.add_argument("--workloads", nargs="+", default=list(STEPS))
     ap.add_argument("--out", default=str(HERE / "results.json"))
+    ap.add_argument("--keep-blas-env", action="store_true", help=f"keep {' and '.join(BLAS_PINS)} if set")
     a = ap.parse_args()
-    results = {}
+    env = {k: v for k, v in os.environ.items() if a.keep_blas_env or k not in BLAS_PINS}
+    print(f"charrnn's BLAS: {blas_kernel(sys.executable, env)}", file=sys.stderr)
+    results = {"_blas": blas_kernel(sys.executable, env)}
     for w in a.workloads:
         pairs = []
         for i in range(a.pairs):
-            ref = run_json([a.torch_python, a.reference, w, "--corpus", a.corpus, "--json", "--seconds", str(a.seconds)])
+            ref = run_json([a.torch_python, a.reference, w, "--corpus", a.corpus, "--json", "--seconds", str(a.seconds)], env)
             ours_cmd = [sys.executable, "-m", "charrnn", "bench", "-c", str(HERE / f"{w}.yaml"), "--json",
                         "--steps", str(STEPS[w]), "--seconds", str(a.seconds), "--set", f"data.path={a.corpus}"]
             if w == "W6":
                 ours_cmd += ["--vocab", str(ref["vocab"])]
-            ours = run_json(ours_cmd)
+            ours = run_json(ours_cmd, env)
             pairs.append({"torch": ref, "charrnn": ours, "ratio": ours["train_chars_per_sec"] / ref["chars_per_sec"]})
             print(f"{w} pair {i + 1}: charrnn {ours['train_chars_per_sec']:,.0f} chars/s, "
                   f"torch {ref['chars_per_sec']:,.0f} chars/s, ratio {pairs[-1]['ratio']:.2f}", file=sys.stderr)
@@ -58,6 +78,8 @@ def main():
     print("| workload | charrnn chars/s | PyTorch chars/s | ratio min / median / max | GEMM fraction | peak RSS charrnn / PyTorch (MiB) |")
     print("|---|---|---|---|---|---|")
     for w, pairs in results.items():
+        if w.startswith("_"):
+            continue
         ratios = [p["ratio"] for p in pairs]
         med = lambda key, side: statistics.median(p[side][key] for p in pairs)  # noqa: E731
         print(f"| {w} | {med('train_chars_per_sec', 'charrnn'):,.0f} | {med('chars_per_sec', 'torch'):,.0f} | "

@@ -36,7 +36,7 @@ class Cell:
 
     name = ""
     gates: tuple = ()  # row blocks of W_xh, W_hh and b_h, in PyTorch's order
-    states: tuple = ("h",)  # blocks of the per-layer state array, h first
+    states: tuple = ("h",)  # blocks of the per-layer state array, h first (rnn and gru keep this default)
     extras: tuple = ()  # names of extra (H,) bias vectors beyond b_h
     flow_note = ""  # how gradients travel back through this cell, printed under diagnose's table
 

@@ -70,8 +70,10 @@ def _gates(pre, rec, h_prev, b_hn, g, q, out):
 class GRU(Cell):
     name = "gru"
     gates = ("r", "z", "n")
-    states = ("h",)
     extras = ("b_hn",)
+    flow_note = ("One step back the gradient at h is multiplied by the update gate z directly (h_t = ... + z h_{t-1}), "
+                 "plus a path through the gates and W_hh;\nz near 1 keeps gradients alive over many steps, "
+                 "whatever the spectra of W_hh's blocks.")
 
     def step(self, s, pre_t, rec_t, p, out):
         """h_t written into out (N, H) from s = h_{t-1} (N, H), pre_t (N, 3H) and rec_t (N, 3H) =

@@ -31,32 +31,37 @@ _SHIFT = (0.5, 0.5, 0.0, 0.5)  # per gate block: added after it (sigmoid = 0.5 t
 
 
 @functools.lru_cache(maxsize=16)
-def _block_vectors(xp, H: int, dtype):
-    """(4H,) half and shift vectors in the arrays' dtype (a float64 vector would upcast the pass).
-
-    Cached, read-only constants: the sampler asks for them at every character.
-    """
-    half = xp.repeat(xp.asarray(_HALF, dtype=dtype), H)  # (4H,)
-    shift = xp.repeat(xp.asarray(_SHIFT, dtype=dtype), H)  # (4H,)
+def _block_vectors(xp, dtype):
+    """(4, 1, 1) half and shift factors in the arrays' dtype (a float64 one would upcast the pass),
+    broadcast over a (4, N, H) block of gates. Cached, read-only: the sampler asks at every character."""
+    half = xp.asarray(_HALF, dtype=dtype).reshape(4, 1, 1)  # (4, 1, 1)
+    shift = xp.asarray(_SHIFT, dtype=dtype).reshape(4, 1, 1)  # (4, 1, 1)
     if xp is np:
         half.flags.writeable = shift.flags.writeable = False
     return half, shift
 
 
+def _blocks(x):
+    """(N, 4H) rows viewed as (4, N, H) gate blocks i, f, g, o (no copy)."""
+    N, GH = x.shape
+    return x.reshape(N, 4, GH // 4).transpose(1, 0, 2)
+
+
 def _gates_and_state(a, c_prev, c, tc, h, half, shift):
     """The gate equations, in place: the one statement of them that forward and step share.
 
-    Inputs: a (N, 4H) = pre_t + h_{t-1} W_hh^T, overwritten with the gates [i, f, g, o];
-    c_prev (N, H). Writes c (N, H) = c_t, tc (N, H) = tanh(c_t) and h (N, H) = h_t; tc and h may
-    be the same array (step passes one buffer).
+    Inputs: a (4, N, H) = pre_t + h_{t-1} W_hh^T as gate blocks, overwritten with the gates
+    i, f, g, o; c_prev (N, H). Writes c (N, H) = c_t, tc (N, H) = tanh(c_t) and h (N, H) = h_t;
+    tc and h may be the same array (step passes one buffer). The blocks of a are contiguous
+    (N, H) arrays: an elementwise pass over a strided (N, H) slice of (N, 4H) rows costs numpy
+    a loop iteration per row, about three times a contiguous pass at N = 32, H = 512.
     """
     xp = ops.array_module(a)
-    H = c.shape[1]
     a *= half  # sigmoid blocks: x / 2
     xp.tanh(a, out=a)  # one pass for all four blocks
     a *= half  # sigmoid blocks: 0.5 tanh(x/2) + 0.5 = sigmoid(x); g: tanh(x) * 1 + 0
     a += shift
-    i, f, g, o = a[:, :H], a[:, H:2 * H], a[:, 2 * H:3 * H], a[:, 3 * H:]  # (N, H) views
+    i, f, g, o = a  # (N, H) each, contiguous
     xp.multiply(i, g, out=tc)  # tc as scratch for i * g
     xp.multiply(f, c_prev, out=c)
     c += tc  # c_t = f * c_{t-1} + i * g
@@ -69,7 +74,7 @@ class LSTMCache(NamedTuple):
     hs: object  # (S+1, N, H): h_0..h_S (h_{t-1} is dW_hh's right factor)
     cs: object  # (S+1, N, H): c_0..c_S (c_{t-1} is the forget gate's input)
     tcs: object  # (S, N, H): tanh(c_1..c_S), saved since forward computes it anyway
-    gates: object  # (S, N, 4H): i, f, g, o after their nonlinearities
+    gates: object  # (S, 4, N, H): i, f, g, o after their nonlinearities, one contiguous block each
     W_hh: object  # (4H, H)
 
 
@@ -78,6 +83,9 @@ class LSTM(Cell):
     gates = ("i", "f", "g", "o")
     states = ("h", "c")
     extras = ()
+    flow_note = ("One step back the gradient at c is multiplied by the forget gate f (elementwise, no matrix), "
+                 "and reaches h through the gates;\nW_hh acts only through the gates' derivatives, so its spectra "
+                 "do not bound the flow as they do for rnn: a mean f near 1 keeps gradients alive over many steps.")
 
     def bias_init(self, H):
         """Zeros except the forget gate's block, 1: the carry starts mostly open, so gradients
@@ -91,8 +99,8 @@ class LSTM(Cell):
         The new state [h_t | c_t] is written into out (N, 2H) and returned."""
         xp = ops.array_module(out)
         H = out.shape[1] // 2
-        a = xp.add(rec_t, pre_t)  # (N, 4H), a new array: rec_t and pre_t stay as they are
-        half, shift = _block_vectors(xp, H, np.dtype(out.dtype))
+        a = xp.add(_blocks(rec_t), _blocks(pre_t))  # (4, N, H), a new array: rec_t and pre_t stay as they are
+        half, shift = _block_vectors(xp, np.dtype(out.dtype))
         _gates_and_state(a, s[:, H:], out[:, H:], out[:, :H], out[:, :H], half, shift)
         return out
 
@@ -108,16 +116,16 @@ class LSTM(Cell):
         S, N, GH = pre.shape
         H = GH // 4
         W_hh = p["W_hh"]
-        half, shift = _block_vectors(xp, H, np.dtype(pre.dtype))  # (4H,), (4H,)
+        half, shift = _block_vectors(xp, np.dtype(pre.dtype))  # (4, 1, 1) each
         hs = xp.empty((S + 1, N, H), dtype=pre.dtype)  # (S+1, N, H)
         cs = xp.empty((S + 1, N, H), dtype=pre.dtype)  # (S+1, N, H)
         tcs = xp.empty((S, N, H), dtype=pre.dtype)  # (S, N, H)
-        gates = xp.empty((S, N, GH), dtype=pre.dtype)  # (S, N, 4H)
+        gates = xp.empty((S, 4, N, H), dtype=pre.dtype)  # (S, 4, N, H)
         hs[0], cs[0] = s0[:, :H], s0[:, H:]
         plan = ops.product(W_hh, N, ops.feature_major(H))  # all four gates' rows in one product
         for t in range(S):
-            # the add reads the feature-major product transposed: the dearest pass of the step
-            xp.add(ops.times(plan, hs[t]), pre[t], out=gates[t])
+            # one pass gathers the product (read transposed when feature-major) and pre_t into blocks
+            xp.add(_blocks(ops.times(plan, hs[t])), _blocks(pre[t]), out=gates[t])
             _gates_and_state(gates[t], cs[t], cs[t + 1], tcs[t], hs[t + 1], half, shift)
         s_last = xp.concatenate([hs[S], cs[S]], axis=1)  # (N, 2H)
         return hs, s_last, LSTMCache(hs, cs, tcs, gates, W_hh)
@@ -136,21 +144,23 @@ class LSTM(Cell):
         xp = ops.array_module(dh)
         hs, cs, tcs, gates, W_hh = cache
         S, N, H = dh.shape
-        half, shift = _block_vectors(xp, H, np.dtype(dh.dtype))
-        half2 = half * half  # (4H,)
+        half, shift = _block_vectors(xp, np.dtype(dh.dtype))
+        half2 = half * half  # (4, 1, 1)
         kc = _carry_factor(gates, tcs)  # (S, N, H) = o (1 - tanh(c)^2), for the whole window
         dpre = xp.empty((S, N, 4 * H), dtype=dh.dtype)  # (S, N, 4H)
         dhs = xp.empty((S + 1, N, H), dtype=dh.dtype) if keep else None  # (S+1, N, H)
         back = ops.product(W_hh.T, N, ops.feature_major(H))  # rows times W_hh
         dh_t = xp.empty((N, H), dtype=dh.dtype)  # (N, H) scratch
-        deriv = xp.empty((N, 4 * H), dtype=dh.dtype)  # (N, 4H) scratch: the gates' derivatives
+        da = xp.empty((4, N, H), dtype=dh.dtype)  # (4, N, H) scratch: dL/da_t as gate blocks
+        deriv = xp.empty((4, N, H), dtype=dh.dtype)  # (4, N, H) scratch: the gates' derivatives
         dc = xp.zeros((N, H), dtype=dh.dtype)  # (N, H): dL/dc_t, carried backwards
         dh_next = xp.zeros((N, H), dtype=dh.dtype)  # (N, H): dL/dh_t through time
         for t in range(S - 1, -1, -1):
             xp.add(dh[t], dh_next, out=dh_t)  # total gradient at h_{t+1}
             if keep:
                 dhs[t + 1] = dh_t
-            _step_backward(dh_t, dc, gates[t], cs[t], tcs[t], kc[t], shift, half2, deriv, dpre[t])
+            _step_backward(dh_t, dc, gates[t], cs[t], tcs[t], kc[t], shift, half2, deriv, da)
+            _blocks(dpre[t])[...] = da  # (N, 4H) rows, the layout the model's input gradients use
             dh_next = ops.times(back, dpre[t])  # (N, H) = da_t W_hh
         ds0 = xp.concatenate([dh_next, dc], axis=1)  # (N, 2H) = [dh_0 | dc_0], out of the plan's buffer
         if keep:
@@ -163,8 +173,7 @@ class LSTM(Cell):
         plus what enters through h), so the forget gate's values are the carry path's factors:
         their mean, their geometric mean (the typical per-step factor of a product over many
         steps) and the fraction above 0.9, over steps, units and streams."""
-        H = cache.W_hh.shape[1]
-        f = cache.gates[:, :, H:2 * H].astype(np.float64)  # (S, N, H)
+        f = cache.gates[:, 1].astype(np.float64)  # (S, N, H)
         return {"mean forget gate": float(np.mean(f)),
                 "geometric mean forget gate": float(np.exp(np.mean(np.log(np.maximum(f, 1e-300))))),
                 "fraction forget gate > 0.9": float(np.mean(f > 0.9))}
@@ -173,20 +182,18 @@ class LSTM(Cell):
 def _carry_factor(gates, tcs):
     """o (1 - tanh(c)^2) for every step at once (S, N, H): what dh_t contributes to dc_t per unit."""
     xp = ops.array_module(tcs)
-    H = tcs.shape[2]
     kc = xp.multiply(tcs, tcs)  # (S, N, H)
     xp.subtract(1, kc, out=kc)
-    kc *= gates[:, :, 3 * H:]
+    kc *= gates[:, 3]
     return kc
 
 
 def _step_backward(dh_t, dc, g_t, c_prev, tc, kc, shift, half2, deriv, da):
     """One step of the LSTM's backward, in place: dc (N, H) from dL/dc_t (the carried part) to
-    dL/dc_{t-1}; da (N, 4H) receives dL/da_t. g_t (N, 4H) holds i, f, g, o; deriv is scratch."""
+    dL/dc_{t-1}; da (4, N, H) receives dL/da_t. g_t (4, N, H) holds i, f, g, o; deriv is scratch."""
     xp = ops.array_module(dh_t)
-    H = dh_t.shape[1]
-    i, f, g, o = g_t[:, :H], g_t[:, H:2 * H], g_t[:, 2 * H:3 * H], g_t[:, 3 * H:]  # (N, H) views
-    di, df, dg, do = da[:, :H], da[:, H:2 * H], da[:, 2 * H:3 * H], da[:, 3 * H:]
+    i, f, g, o = g_t  # (N, H) each, contiguous
+    di, df, dg, do = da
     xp.multiply(dh_t, tc, out=do)  # h = o tanh(c)
     xp.multiply(dh_t, kc, out=di)  # di as scratch: dh * o * (1 - tanh(c)^2) ...
     dc += di  # ... joins the carried dc_next * f_{t+1}

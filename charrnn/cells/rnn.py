@@ -20,7 +20,6 @@ class RNNCache(NamedTuple):
 class RNN(Cell):
     name = "rnn"
     gates = ("h",)
-    states = ("h",)
     flow_note = ("One step back multiplies the gradient by diag(tanh') W_hh, so its norm changes by at most "
                  "sigma_max * max tanh' per step;\nfor W_hh = s * orthogonal it changes by s * ||tanh' * g|| / ||g||, "
                  "about s * rms tanh' (Pascanu et al. 2013; Pennington et al. 2017).")
