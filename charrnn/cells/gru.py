@@ -46,8 +46,8 @@ def _gates(pre, rec, h_prev, b_hn, g, q, out):
     Returns out.
     sigmoid(a) = 0.5 tanh(a / 2) + 0.5 exactly, so r and z come from one tanh pass over (2, N, H),
     and no exp can overflow for large |a|. g's blocks are contiguous (N, H) arrays because
-    numpy's passes over an (N, H) slice of (N, 3H) rows cost 4 us more each (a per-row loop:
-    5.6 vs 1.7 us for a multiply at N = 32, H = 512).
+    numpy runs a pass over an (N, H) slice of (N, 3H) rows as one loop per row, several times
+    the cost of a contiguous pass at the workloads' sizes (benchmarks/README.md).
     """
     xp = ops.array_module(out)
     a_rz = xp.add(pre[:2], rec[:2], out=g[:2])  # a_r, a_z
@@ -159,9 +159,9 @@ def _step_back(dh_t, g, q, h_prev, da_n, drec, carry, tmp):
     into carry (N, H), da_n (N, H) and the blocks of drec (3, N, H) = da_r, da_z, da_n r.
     x (1 - z) is computed as x - x z, which needs no array holding 1 - z.
     The factors of dh_t and da_n depend on the forward only, but making them for the whole
-    window first in batched passes (as the vanilla cell does with tanh') made backward 1 to
-    1.5 ms slower at W8 (56-57 vs 55-55.4 ms): three more (S, N, H) arrays written to memory
-    and read back, where these passes read each block of the cache once, while it is in cache.
+    window first in batched passes (as the vanilla cell does with tanh') made backward slower
+    (benchmarks/README.md): three more (S, N, H) arrays written to memory and read back, where
+    these passes read each block of the cache once, while it is in cache.
     """
     xp = ops.array_module(dh_t)
     r, z, n = g
