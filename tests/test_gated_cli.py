@@ -74,13 +74,13 @@ def test_diagnose_compares_an_rnn_and_an_lstm_on_the_same_text(cli_invoke, learn
 
 
 def test_runs_shows_the_cell_and_plot_draws_gate_spectra(cli_invoke, learned, tmp_path):
-    pytest.importorskip("matplotlib")
     for cell, run in learned.items():
         info = json.loads(out(cli_invoke("runs", run.parent, "--json")))
         assert [r["cell"] for r in info] == [cell]
         assert f"{cell} 2x32" in out(cli_invoke("runs", run.parent))
     evals = [r for r in runlog.read_metrics(learned["lstm"] / "metrics.jsonl") if "w_hh_sigma" in r]
     assert set(evals[-1]["w_hh_sigma"]) == {f"layers.{l}.fwd.{g}" for l in (0, 1) for g in "ifgo"}
+    pytest.importorskip("matplotlib")  # the plot extra
     png = tmp_path / "p.png"
     out(cli_invoke("plot", learned["rnn"], learned["lstm"], learned["gru"], "-o", png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
