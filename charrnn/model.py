@@ -15,7 +15,7 @@ Gradients use the same names. The recurrent state is a dict {direction: [one (N,
 layer]}, each array the cell's state blocks side by side, h first (LSTM: [h | c]).
 
 The architecture (Spec) is data: it comes from the config, or from a checkpoint's metadata,
-never from parameter names; `check_params` verifies that weights fit it.
+never from parameter names (checkpoint.load checks every array against it).
 
 Objectives:
   * next-char (unidirectional): h_t runs over x_1..x_T and o_t = W_ho h_t + b_o predicts x_{t+1}.
@@ -85,17 +85,6 @@ def param_shapes(spec: Spec) -> dict[str, tuple]:
 def param_names(spec: Spec) -> list[str]:
     """Parameter names in their fixed order."""
     return list(param_shapes(spec))
-
-
-def check_params(spec: Spec, params: dict) -> None:
-    """ValueError unless params has exactly the spec's names and shapes."""
-    shapes = param_shapes(spec)
-    if set(params) != set(shapes):
-        missing, extra = sorted(set(shapes) - set(params)), sorted(set(params) - set(shapes))
-        raise ValueError(f"parameters do not fit the {spec.cell} model: missing {missing}, unexpected {extra}")
-    for name, shape in shapes.items():
-        if params[name].shape != shape:
-            raise ValueError(f"parameter {name} has shape {params[name].shape}, the {spec.cell} model needs {shape}")
 
 
 def init_params(spec: Spec, rng: np.random.Generator, dtype=np.float32, scale: float = 1.0) -> dict:
