@@ -59,8 +59,8 @@ def main():
     ap.add_argument("--keep-blas-env", action="store_true", help=f"keep {' and '.join(BLAS_PINS)} if set")
     a = ap.parse_args()
     env = {k: v for k, v in os.environ.items() if a.keep_blas_env or k not in BLAS_PINS}
-    print(f"charrnn's BLAS: {blas_kernel(sys.executable, env)}", file=sys.stderr)
     results = {"_blas": blas_kernel(sys.executable, env)}
+    print(f"charrnn's BLAS: {results['_blas']}", file=sys.stderr)
     for w in a.workloads:
         pairs = []
         for i in range(a.pairs):

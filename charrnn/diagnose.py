@@ -62,11 +62,13 @@ def recurrent_layers(spec: model.Spec) -> list[str]:
 def spectral_norms(spec: model.Spec, params: dict) -> dict:
     """sigma_max of W_hh per layer: {'layers.0.fwd': s} for rnn, {'layers.0.fwd.i': s, ...} per
     gate block for gated cells (one (H, H) block acts on each gate's pre-activation)."""
-    out = {}
-    for name in recurrent_layers(spec):
-        for label, W in spec.unit.hh_blocks(params[name + ".W_hh"]).items():
-            out[name + ("." + label if label else "")] = spectral_norm(W)
-    return out
+    return {name + ("." + label if label else ""): sigma
+            for name in recurrent_layers(spec) for label, sigma in layer_spectra(spec, params, name).items()}
+
+
+def layer_spectra(spec: model.Spec, params: dict, name: str) -> dict:
+    """{label: sigma_max} of each block of layer name's W_hh ('' for the vanilla cell's whole W_hh)."""
+    return {label: spectral_norm(W) for label, W in spec.unit.hh_blocks(params[name + ".W_hh"]).items()}
 
 
 def grad_health(spec: model.Spec, params: dict, acc: dict) -> dict:
@@ -207,8 +209,7 @@ def profile(spec: model.Spec, params: dict, ids, K: int, T: int) -> Profile:
     layers = {}
     for name, (norms, stats) in gradient_flow(spec, params, x, y).items():
         mean = norms.mean(axis=1)  # (S+1,) mean over windows
-        sigmas = {label: spectral_norm(W) for label, W in spec.unit.hh_blocks(params[name + ".W_hh"]).items()}
-        layers[name] = LayerFlow(mean, fit_factor(mean), sigmas, stats)
+        layers[name] = LayerFlow(mean, fit_factor(mean), layer_spectra(spec, params, name), stats)
     return Profile(spec.cell, layers, len(x), T, spec.objective)
 
 

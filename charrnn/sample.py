@@ -60,8 +60,8 @@ class _Net(NamedTuple):
     layers: list  # per layer: the layer's parameters by suffix (the cell's step reads its extras)
     table0: object  # (V, G*H): W_xh^T + b_h of layer 0, gathered by row
     plans: list  # [ops.Product] of W_hh for the layers below the top
-    W_top: object  # [W_hh of the top layer ; W_ho / temperature]: (G*H + V, H)
-    top: ops.Product  # its product plan: one call gives the top's recurrent term and the logits
+    top: ops.Product  # plan for [W_hh of the top layer ; W_ho / temperature] (G*H + V, H): one call
+    # gives the top's recurrent term and the logits
     b_out: object  # (V,) = b_o / temperature, -inf for the unknown symbol so it is never drawn
 
 
@@ -79,7 +79,7 @@ def _prepare(spec: Spec, params: dict, temperature: float, banned: int, n: int) 
     fm = ops.feature_major(spec.H)
     W_top = np.concatenate([layers[-1]["W_hh"], params["out.W_ho"] * t], axis=0)  # (G*H + V, H)
     return _Net(spec, layers, ops.row_table(layers[0]["W_xh"], layers[0]["b_h"]),
-                [ops.product(p["W_hh"], n, fm) for p in layers[:-1]], W_top, ops.product(W_top, n, fm), b_out)
+                [ops.product(p["W_hh"], n, fm) for p in layers[:-1]], ops.product(W_top, n, fm), b_out)
 
 
 def _step(net: _Net, c, s: list, spare: list, z):
@@ -91,7 +91,7 @@ def _step(net: _Net, c, s: list, spare: list, z):
     Layers swap their state and spare buffers, so only the logits are allocated per step.
     """
     spec, H = net.spec, net.spec.H
-    GH = net.W_top.shape[0] - spec.V
+    GH = len(spec.unit.gates) * H
     pre = np.take(net.table0, c, axis=0)  # (n, G*H)
     for l in range(spec.L):
         rec = z[:, :GH] if l == spec.L - 1 else ops.times(net.plans[l], s[l][:, :H])  # (n, G*H)

@@ -31,6 +31,13 @@ class CellGrads(NamedTuple):
     dhs: object  # (S+1, N, H) total dL/dh_t for t = 0..S if asked for (diagnose), else None
 
 
+def gate_blocks(x, G: int):
+    """(N, G*H) rows viewed as (G, N, H), one block per gate (no copy), so that a cell's
+    elementwise passes can run on, or write into, whole contiguous (N, H) gate blocks."""
+    N, GH = x.shape
+    return x.reshape(N, G, GH // G).transpose(1, 0, 2)
+
+
 class Cell:
     """Base class: subclasses set the class attributes and implement the four methods."""
 

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from charrnn import ops
-from charrnn.cells.base import Cell, CellGrads
+from charrnn.cells.base import Cell, CellGrads, gate_blocks
 
 
 class GRUCache(NamedTuple):
@@ -31,10 +31,9 @@ class GRUCache(NamedTuple):
     W_hh: object  # (3H, H)
 
 
-def _blocks(a):
-    """(3, N, H) view of the r, z, n blocks of an (N, 3H) array, in either memory order."""
-    N, G_H = a.shape
-    return a.reshape(N, 3, G_H // 3).transpose(1, 0, 2)
+def _blocks(x):
+    """The r, z, n blocks of (N, 3H) rows as a (3, N, H) view."""
+    return gate_blocks(x, 3)
 
 
 def _gates(pre, rec, h_prev, b_hn, g, q, out):

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from charrnn import ops
-from charrnn.cells.base import Cell, CellGrads
+from charrnn.cells.base import Cell, CellGrads, gate_blocks
 
 _HALF = (0.5, 0.5, 1.0, 0.5)  # per gate block i, f, g, o: the scale inside and outside the tanh
 _SHIFT = (0.5, 0.5, 0.0, 0.5)  # per gate block: added after it (sigmoid = 0.5 tanh(x/2) + 0.5)
@@ -42,9 +42,8 @@ def _block_vectors(xp, dtype):
 
 
 def _blocks(x):
-    """(N, 4H) rows viewed as (4, N, H) gate blocks i, f, g, o (no copy)."""
-    N, GH = x.shape
-    return x.reshape(N, 4, GH // 4).transpose(1, 0, 2)
+    """The i, f, g, o blocks of (N, 4H) rows as a (4, N, H) view."""
+    return gate_blocks(x, 4)
 
 
 def _gates_and_state(a, c_prev, c, tc, h, half, shift):
