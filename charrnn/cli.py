@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import signal
+import stat
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from charrnn import __version__, checkpoint, config, dataset, evaluate
 from charrnn.errors import CharRNNError, DataError, UsageError
+from charrnn.output import Output
 
 SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 SIGPIPE_EXIT = 141  # stdout closed by its reader
@@ -30,6 +32,27 @@ def _fail(e: CharRNNError) -> None:
     sys.exit(e.exit_code)
 
 
+def _one_line(e: click.ClickException, fallback: str) -> str:
+    """A click usage error as one line, with where to read the usage (`fallback`: the command
+    path when click raised the error before it had a context for the command)."""
+    message = "; ".join(part.strip() for part in e.format_message().splitlines() if part.strip())
+    if isinstance(e, click.UsageError):
+        ctx = getattr(e, "ctx", None)
+        message += f" (see '{ctx.command_path if ctx is not None else fallback} --help')"
+    return message
+
+
+def _out() -> Output:
+    return Output()
+
+
+def _print(text: str, out: Output | None = None) -> None:
+    """A whole result, as one line (or block) on stdout, written out completely or reported."""
+    out = out or _out()
+    out.line(text)
+    out.flush()
+
+
 class Group(click.Group):
     """Turns library errors raised inside any command into one line and the right exit code.
 
@@ -38,19 +61,49 @@ class Group(click.Group):
     error: the rest of the output goes nowhere and the exit is 141 (128 + SIGPIPE), as for `cat`.
     """
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's own error report is several lines ("Usage: ...", "Error: ..."); charrnn's
+        promise is one line starting with `error:`, so click runs in non-standalone mode and its
+        usage errors are reported here."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()  # plain `charrnn`: the help text is the useful answer
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            words = list(sys.argv[1:] if args is None else args)
+            command = [prog_name or "charrnn"] + [w for w in words[:1] if w in self.commands]
+            click.echo(f"error: {_one_line(e, ' '.join(command))}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:  # Ctrl-C or end of input while click itself was reading
+            click.echo("\ncharrnn: interrupted", err=True)
+            sys.exit(SIGNAL_EXIT["SIGINT"])
+        sys.exit(rv if isinstance(rv, int) else 0)  # an int here is the code of click's Exit (--help: 0)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except CharRNNError as e:
             _fail(e)
-        except KeyboardInterrupt:
-            click.echo("\ncharrnn: interrupted", err=True)
-            sys.exit(SIGNAL_EXIT["SIGINT"])
+        except MemoryError:
+            click.echo("error: out of memory; use a smaller model, batch or option value", err=True)
+            sys.exit(1)
         except BrokenPipeError:
             # what Python's signal docs advise: point stdout at devnull so that the flush at exit
             # does not raise again and print a traceback
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno() if sys.stdout else 1)
             sys.exit(SIGPIPE_EXIT)
+        except OSError as e:
+            # the last line of defence for a file error the library did not foresee: one line,
+            # not a traceback
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {where}{e.strerror or e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("\ncharrnn: interrupted", err=True)
+            sys.exit(SIGNAL_EXIT["SIGINT"])
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
@@ -113,7 +166,7 @@ def train(config_path, sets, run_dir, resume_dir, init_from, list_keys):
     from charrnn.train import resume_config, train as run_training
 
     if list_keys:
-        click.echo(config.describe_keys())
+        _print(config.describe_keys())
         return
     if resume_dir and (config_path or init_from or (run_dir and run_dir != resume_dir)):
         raise UsageError("--resume takes the run's own config: do not combine it with -c, --init-from or --run-dir")
@@ -192,11 +245,11 @@ def sample(target, length, temperature, top_k, top_p, prime, seed, greedy, n, st
         if not greedy:  # greedy output does not depend on the seed: printing one would suggest it does
             click.echo(f"seed {seed}", err=True)
     rng, knobs = np.random.default_rng(seed), Knobs(temperature, top_k or 0, top_p, greedy)
-    out = sys.stdout.buffer  # click.get_binary_stream is deprecated since Click 8.5 (removed in 9.0)
+    out = _out()
     if infill is not None:
         _prime_ids_check(infill.replace(mask, ""), vocab, "--infill")
         text = fill(ck.spec, ck.params, vocab, infill, rng, mask, int(ck.meta["config"]["train"]["seq_len"]), knobs)
-        out.write((text + "\n").encode("utf-8"))
+        _print(text, out)
         return
     _prime_ids_check(prime, vocab)
     _write_samples(out, generate(ck.spec, ck.params, vocab, length, rng, n, prime, knobs), n, prime, stop)
@@ -225,11 +278,56 @@ def _write_samples(out, steps, n: int, prime: str, stop: str | None) -> None:
     out.flush()
 
 
-def _scratch(cfg) -> Path:
-    """Where eval and diagnose put the ids of a --corpus file (memory-mapped, deleted at once)."""
+def _run_config(ck) -> config.Config | None:
+    """The config.yaml of the run directory holding this checkpoint, if it is a regular file the
+    user owns; else None.
+
+    A checkpoint's meta is written by whoever made the file, so it never chooses what eval or
+    diagnose read or where they write (a downloaded checkpoint could name any file and any cache
+    directory). The run's own config.yaml, which the user's `charrnn train` wrote, may.
+    """
+    path = Path(ck.path)
+    if path.parent.name != "checkpoints":
+        return None
+    own = path.parent.parent / "config.yaml"
+    try:
+        st = os.lstat(own)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        return None
+    return config.load(own)
+
+
+def _scratch(run_cfg) -> Path:
+    """Where eval and diagnose put the ids of a --corpus file (memory-mapped, deleted at once):
+    the user's cache (their run's data.cache_dir, else the environment's), never one named by a
+    checkpoint."""
     from charrnn.corpus import cache_root
 
-    return cache_root(cfg.data.cache_dir) / "scratch"
+    return cache_root(run_cfg.data.cache_dir if run_cfg else None) / "scratch"
+
+
+def _run_text(ck, run_cfg, what: str):
+    """The run's own corpus (from its config.yaml), checked against the checkpoint."""
+    if run_cfg is None:
+        raise UsageError(f"{ck.path} is not in a run directory of yours (no config.yaml you own next to its "
+                         f"checkpoints/), so it cannot say which text to read; give the text to {what} with --corpus FILE")
+    data = dataset.load(run_cfg.data)
+    if data.vocab != _vocab(ck):
+        raise DataError(f"the run's corpus {data.source} changed since the checkpoint was written; "
+                        f"{what} a file with --corpus")
+    recorded = ck.meta.get("corpus_sha256")
+    if isinstance(recorded, str) and recorded != data.sha256:
+        click.echo(f"warning: the run's corpus {data.source} changed since the checkpoint was written "
+                   "(same characters, other text); the numbers are for the text as it is now", err=True)
+    return data
+
+
+def _corpus_ids(ck, run_cfg, corpus: Path, encoding: str) -> tuple[np.ndarray, float]:
+    if not corpus.exists():
+        raise DataError(f"--corpus {corpus}: no such file")
+    return evaluate.encode_file(corpus, _vocab(ck), encoding, _scratch(run_cfg))
 
 
 def _vocab(ck):
@@ -251,41 +349,34 @@ def eval_(target, corpus, split, as_json):
     """Score a checkpoint on text: loss (nats/char), bits/char, perplexity."""
     if corpus is not None and click.get_current_context().get_parameter_source("split").name == "COMMANDLINE":
         raise UsageError("give either --corpus FILE or --split, not both")
+    out = _out()
     ck = checkpoint.load(target, with_training_state=False)
-    cfg = config.from_dict(ck.meta["config"], str(ck.path))
+    cfg, run_cfg = config.from_dict(ck.meta["config"], str(ck.path)), _run_config(ck)
     vocab = _vocab(ck)
     if corpus is not None:
-        if not corpus.exists():
-            raise DataError(f"--corpus {corpus}: no such file")
-        ids, unk_rate = evaluate.encode_file(corpus, vocab, cfg.data.encoding, _scratch(cfg))
+        ids, unk_rate = _corpus_ids(ck, run_cfg, corpus, cfg.data.encoding)
     else:
-        data = dataset.load(cfg.data)
-        if data.vocab != vocab:
-            raise DataError(f"the run's corpus {data.source} changed since the checkpoint was written; score a file with --corpus")
+        data = _run_text(ck, run_cfg, "score")
         ids = data.val if split == "val" else data.train
         if ids is None:
             raise UsageError("the run has no validation text (data.val_fraction = 0); use --split train or --corpus FILE")
         unk_rate = float(np.mean(ids == vocab.unk_id)) if vocab.unk is not None and len(ids) else 0.0
     res = evaluate.evaluate_ids(ck.spec, ck.params, ids, cfg.train.seq_len, unk_rate)
     if as_json:
-        click.echo(json.dumps(res.as_dict()))
+        _print(json.dumps(res.as_dict()), out)
         return
-    click.echo(f"objective   {res.objective}\nloss        {res.loss:.4f} nats/char\nbpc         {res.bpc:.4f}\n"
-               f"perplexity  {res.perplexity:.3f}\nchars       {res.chars:,}\nunk_rate    {res.unk_rate:.4%}")
+    _print(f"objective   {res.objective}\nloss        {res.loss:.4f} nats/char\nbpc         {res.bpc:.4f}\n"
+               f"perplexity  {res.perplexity:.3f}\nchars       {res.chars:,}\nunk_rate    {res.unk_rate:.4%}", out)
 
 
 # ---- diagnose, plot, runs ----------------------------------------------------------------------
 
 def _text_ids(ck, cfg, corpus: Path | None) -> tuple[np.ndarray, str]:
     """Ids of --corpus, else of the run's validation text (its training text if it has none)."""
-    vocab = _vocab(ck)
+    run_cfg = _run_config(ck)
     if corpus is not None:
-        if not corpus.exists():
-            raise DataError(f"--corpus {corpus}: no such file")
-        return evaluate.encode_file(corpus, vocab, cfg.data.encoding, _scratch(cfg))[0], str(corpus)
-    data = dataset.load(cfg.data)
-    if data.vocab != vocab:
-        raise DataError(f"the run's corpus {data.source} changed since the checkpoint was written; use --corpus FILE")
+        return _corpus_ids(ck, run_cfg, corpus, cfg.data.encoding)[0], str(corpus)
+    data = _run_text(ck, run_cfg, "take windows from")
     if data.val is None:
         return data.train, f"{data.source} (training text: the run has no validation text)"
     return data.val, f"{data.source} (validation text)"
@@ -310,7 +401,7 @@ def diagnose_(targets, corpus, windows, length, plot_path, as_json):
     their profiles one after the other, summed up side by side, and drawn together with --plot."""
     from charrnn import diagnose
 
-    named = []
+    out, named = _out(), []
     for target in targets:
         ck = checkpoint.load(target, with_training_state=False)
         cfg = config.from_dict(ck.meta["config"], str(ck.path))
@@ -326,13 +417,14 @@ def diagnose_(targets, corpus, windows, length, plot_path, as_json):
         click.echo(f"wrote {plot_path}", err=True)
     for i, (ck, source, prof) in enumerate(named):
         if as_json:
-            click.echo(json.dumps({"checkpoint": str(ck.path), "step": ck.meta.get("step"), "text": source,
+            out.line(json.dumps({"checkpoint": str(ck.path), "step": ck.meta.get("step"), "text": source,
                                    **diagnose.profile_dict(prof)}))
             continue
-        click.echo(("\n" if i else "") + f"checkpoint {ck.path} (step {ck.meta.get('step')}); windows from {source}")
-        click.echo(diagnose.format_profile(prof))
+        out.line(("\n" if i else "") + f"checkpoint {ck.path} (step {ck.meta.get('step')}); windows from {source}")
+        out.line(diagnose.format_profile(prof))
     if len(named) > 1 and not as_json:
-        click.echo("\n" + diagnose.format_comparison([(str(ck.path), prof) for ck, _, prof in named]))
+        out.line("\n" + diagnose.format_comparison([(str(ck.path), prof) for ck, _, prof in named]))
+    out.flush()
 
 
 @cli.command(name="plot", context_settings=CONTEXT)
@@ -348,7 +440,7 @@ def plot_(run_dirs, output, x_axis):
     path, skipped = plot_runs(list(run_dirs), output, x_axis)
     for name in skipped:
         click.echo(f"warning: {name} has no metrics yet; left out of the plot", err=True)
-    click.echo(str(path))
+    _print(str(path))
 
 
 @cli.command(name="runs", context_settings=CONTEXT)
@@ -360,9 +452,9 @@ def runs_(directory, as_json):
 
     infos = list_runs(directory)
     if as_json:
-        click.echo(json.dumps([r.as_dict() for r in infos]))
+        _print(json.dumps([r.as_dict() for r in infos]))
     elif infos:
-        click.echo(format_table(infos))
+        _print(format_table(infos))
     else:
         click.echo(f"no runs under {directory}", err=True)
 
@@ -386,20 +478,22 @@ def bench(config_path, sets, steps, seconds, warmup, vocab_size, sample_chars, a
 
     r = benchmark.run(config.load(config_path, sets), steps, warmup, vocab_size, sample_chars, seconds=seconds)
     if as_json:
-        click.echo(json.dumps(r))
+        _print(json.dumps(r))
         return
+    out = _out()
     c = r["config"]
     kind = "bidirectional" if c["bidirectional"] else "vanilla" if c["num_layers"] == 1 else "stacked"
-    click.echo(f"model        {kind} {c['num_layers']} x {c['hidden_size']}, V = {c['vocab']}, N x T = "
+    out.line(f"model        {kind} {c['num_layers']} x {c['hidden_size']}, V = {c['vocab']}, N x T = "
                f"{c['batch_size']} x {c['seq_len']}, {c['optimizer']}, {c['dtype']}")
-    click.echo(f"train        {r['train_chars_per_sec']:,.0f} chars/s (median of {r['steps_timed']} steps; "
+    out.line(f"train        {r['train_chars_per_sec']:,.0f} chars/s (median of {r['steps_timed']} steps; "
                f"range {r['train_chars_per_sec_min']:,.0f}-{r['train_chars_per_sec_max']:,.0f}), {r['step_ms']:.1f} ms/step")
     if r["sample_chars_per_sec"] is not None:
         many = next(k for k in r if k.startswith("sample_") and k.endswith("_streams_chars_per_sec"))
-        click.echo(f"sample       {r['sample_chars_per_sec']:,.0f} chars/s one stream, {r[many]:,.0f} chars/s "
+        out.line(f"sample       {r['sample_chars_per_sec']:,.0f} chars/s one stream, {r[many]:,.0f} chars/s "
                    f"with {many.split('_')[1]} streams")
-    click.echo(f"GEMM         {r['gemm_gflops']:.1f} GFLOP/s measured; training reaches {r['gemm_fraction']:.1%} of it")
-    click.echo(f"peak RSS     {r['peak_rss_mib']:.0f} MiB")
+    out.line(f"GEMM         {r['gemm_gflops']:.1f} GFLOP/s measured; training reaches {r['gemm_fraction']:.1%} of it")
+    out.line(f"peak RSS     {r['peak_rss_mib']:.0f} MiB")
+    out.flush()
 
 
 def main():

@@ -41,3 +41,11 @@ class TrainingError(CharRNNError):
 
 class MissingDependencyError(CharRNNError):
     """An optional extra is needed for this command (e.g. matplotlib for plots)."""
+
+
+class NumericalError(CharRNNError):
+    """A result that is not a finite number (e.g. a checkpoint whose weights make the logits overflow)."""
+
+
+class OutputError(CharRNNError):
+    """A command's results could not be written to stdout (closed, full disk)."""

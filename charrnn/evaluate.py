@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from charrnn import batches, corpus, heap, ops
-from charrnn.errors import DataError
+from charrnn.errors import DataError, NumericalError
 from charrnn.model import Spec, forward, targets
 from charrnn.vocab import Vocab
 
@@ -53,6 +53,9 @@ def score(spec: Spec, params: dict, ids, seq_len: int, batch: int = 32) -> tuple
 
 def result(total: float, count: int, objective: str, unk_rate: float = 0.0) -> EvalResult:
     loss = total / count
+    if not math.isfinite(loss):  # e.g. weights so large that the logits overflow: no number to report
+        raise NumericalError(f"the model's loss on this text is {loss} (its logits overflow); "
+                             "the checkpoint's weights are unusable: score another checkpoint")
     return EvalResult(loss, loss / math.log(2), math.exp(min(loss, 700.0)), count, unk_rate, objective)
 
 
@@ -61,7 +64,8 @@ def evaluate_ids(spec: Spec, params: dict, ids, seq_len: int, unk_rate: float = 
     if len(ids) < (1 if spec.bidirectional else 2):
         raise DataError(f"the text has {len(ids)} characters; a {spec.objective} model needs at least "
                         f"{1 if spec.bidirectional else 2} to score")
-    return result(*score(spec, params, ids, seq_len), spec.objective, unk_rate)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by result(), once
+        return result(*score(spec, params, ids, seq_len), spec.objective, unk_rate)
 
 
 def encode_file(path: Path, vocab: Vocab, encoding: str, scratch: Path | None = None) -> tuple[np.ndarray, float]:
@@ -85,6 +89,9 @@ def encode_file(path: Path, vocab: Vocab, encoding: str, scratch: Path | None = 
             sink.add(ids.astype(vocab.dtype))
         if n == 0:
             raise DataError(f"{path} is empty; give a text file with some characters")
+        if unknown == n and vocab.unk is None:
+            raise DataError(f"none of the {n:,} characters of {path} is in the model's vocabulary; "
+                            "score a text in the script the model was trained on (or check data.encoding)")
         return sink.array(), unknown / n
     finally:
         sink.close()
