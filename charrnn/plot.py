@@ -10,10 +10,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import yaml
-
-from charrnn import runlog
-from charrnn.errors import MissingDependencyError, RunDirError
+from charrnn import atomic, runlog
+from charrnn.errors import MissingDependencyError, RunDirError, UsageError
 
 X_AXES = ("step", "chars", "time")
 INSTALL_HINT = "matplotlib is not installed: pip install 'charrnn[plot]' (or pip install matplotlib)"
@@ -28,24 +26,38 @@ def _figure(**kwargs):
 
 
 def _save(fig, out: Path) -> Path:
+    """Write the figure through atomic.write: a link or FIFO planted at `out` is replaced, never
+    written through, and the file gets the umask's mode."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    kind = out.suffix.lstrip(".").lower() or "png"
+    if kind not in fig.canvas.get_supported_filetypes():
+        raise UsageError(f"cannot write {out}: .{kind} is not an image format matplotlib writes; "
+                         "use .png, .svg or .pdf")
     try:
-        fig.savefig(out, dpi=110, bbox_inches="tight")
+        atomic.write(out, lambda f: fig.savefig(f, format=kind, dpi=110, bbox_inches="tight"))
     except OSError as e:
-        raise RunDirError(f"cannot write {out}: {e.strerror}") from None
+        raise RunDirError(f"cannot write {out}: {e.strerror or e}") from None
     return out
 
 
 # ---- training curves ---------------------------------------------------------------------------
+# Records and config.yaml may have been written by anyone: runlog.read_metrics keeps only records
+# with a valid step, and every other value is taken through runlog.as_real (None if not a finite number).
 
 def _clip_norm(run: runlog.RunDir) -> float | None:
+    value = runlog.as_real(_mapping(runlog.read_config(run).get("train")).get("clip_norm"))
+    return value if value is not None and value > 0 else None
+
+
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _metrics(run: runlog.RunDir) -> list[dict]:
     try:
-        doc = yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
-        value = float((doc.get("train") or {}).get("clip_norm") or 0.0)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, ValueError, AttributeError):
-        return None
-    return value or None
+        return runlog.read_metrics(run.metrics)
+    except OSError as e:
+        raise RunDirError(f"cannot read {run.metrics}: {e.strerror or e}") from None
 
 
 def _names(dirs: list[Path]) -> list[str]:
@@ -54,27 +66,35 @@ def _names(dirs: list[Path]) -> list[str]:
     return [str(d) if names.count(d.name) > 1 else d.name for d in dirs]
 
 
-def _xs(records: list[dict], x: str, scale: float) -> list:
-    key = {"step": "step", "chars": "chars_seen", "time": "elapsed_s"}[x]
-    return [r.get(key, math.nan) / scale for r in records]
+def _x(record: dict, x: str) -> float | None:
+    return runlog.as_real(record.get({"step": "step", "chars": "chars_seen", "time": "elapsed_s"}[x]))
+
+
+def _points(records, x, get) -> tuple[list, list]:
+    """(xs, ys) of the records where both the x value and get(record) are finite numbers."""
+    pairs = [(xv, yv) for r in records if (xv := _x(r, x)) is not None and (yv := runlog.as_real(get(r))) is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def _series(ax, records, x, scale, key, transform=lambda v: v, **style):
-    """Plot records[key] against x, skipping records without a value."""
-    rows = [r for r in records if r.get(key) is not None]
-    if rows:
-        ax.plot(_xs(rows, x, scale), [transform(r[key]) for r in rows], **style)
-    return rows
+    """Plot records[key] against x, skipping records without a (numeric) value."""
+    xs, ys = _points(records, x, lambda r: r.get(key))
+    if xs:
+        ax.plot([v / scale for v in xs], [transform(v) for v in ys], **style)
+    return xs
 
 
 def _sigma_panel(ax, records, x, scale, color, name):
     rows = [r for r in records if isinstance(r.get("w_hh_sigma"), dict)]
-    layers = sorted({k for r in rows for k in r["w_hh_sigma"]})
+    layers = sorted({k for r in rows for k in r["w_hh_sigma"]})  # JSON object keys are always strings
+    drawn = False
     for i, layer in enumerate(layers):
-        pts = [r for r in rows if layer in r["w_hh_sigma"]]
-        ax.plot(_xs(pts, x, scale), [r["w_hh_sigma"][layer] for r in pts], color=color, marker="o", ms=3,
-                ls=("-", "--", ":", "-.")[i % 4], label=f"{name} {layer}" if len(layers) > 1 else name)
-    return bool(rows)
+        xs, ys = _points(rows, x, lambda r, layer=layer: r["w_hh_sigma"].get(layer))
+        if xs:
+            ax.plot([v / scale for v in xs], ys, color=color, marker="o", ms=3, ls=("-", "--", ":", "-.")[i % 4],
+                    label=f"{name} {layer}" if len(layers) > 1 else name)
+            drawn = True
+    return drawn
 
 
 def plot_runs(run_dirs: list, out: str | Path, x: str = "step") -> tuple[Path, list[str]]:
@@ -88,7 +108,7 @@ def plot_runs(run_dirs: list, out: str | Path, x: str = "step") -> tuple[Path, l
     for d in dirs:
         if not d.is_dir():
             raise RunDirError(f"{d}: no such run directory")
-    runs = [(name, runlog.RunDir(d), runlog.read_metrics(runlog.RunDir(d).metrics)) for name, d in zip(_names(dirs), dirs)]
+    runs = [(name, runlog.RunDir(d), _metrics(runlog.RunDir(d))) for name, d in zip(_names(dirs), dirs)]
     skipped = [name for name, _, records in runs if not records]
     runs = [r for r in runs if r[2]]
     if not runs:
@@ -119,7 +139,7 @@ def _x_axis(x: str, runs) -> tuple[float, str]:
         return 1.0, "optimizer step"
     if x == "chars":
         return 1.0, "characters seen"
-    longest = max((r.get("elapsed_s") or 0.0) for _, _, records in runs for r in records)
+    longest = max((runlog.as_real(r.get("elapsed_s")) or 0.0) for _, _, records in runs for r in records)
     return (60.0, "training time (minutes)") if longest > 300 else (1.0, "training time (seconds)")
 
 

@@ -7,21 +7,31 @@
         samples/             step-<n>.txt, text sampled at each evaluation
         .lock                held (flock) by the process training in this directory
         failed.txt           the error that stopped training, if one did (removed on --resume)
+
+Every file here is written, appended, locked and read through atomic.py, which never follows a
+link or blocks on a FIFO; lock() and create() also refuse a directory in which one of the names
+above is something charrnn never makes (check_entries). Values read back (metrics records,
+config.yaml) are checked before use: someone else may have written them.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
 import json
+import math
 import os
 import re
+import stat
 import time
 from pathlib import Path
 
+import yaml
+
 from charrnn import atomic
-from charrnn.errors import RunDirError, UsageError
+from charrnn.errors import CharRNNError, RunDirError, UsageError
 
 PERIODIC = re.compile(r"^step-(\d+)\.npz$")
+CONFIG_MAX_BYTES = 1 << 20  # a resolved config is a few KB; more is not one charrnn wrote
 # .<name>.<random>.tmp of charrnn's own atomic writes (tempfile.mkstemp), left by a kill midway;
 # only these names, so a user's own .tmp files are never taken for ours
 TEMP = re.compile(r"^\.(config\.yaml|metrics\.jsonl|failed\.txt|last\.npz|best\.npz|step-\d+\.(npz|txt))\.[a-z0-9_]+\.tmp$")
@@ -37,6 +47,7 @@ class RunDir:
         self.last = self.checkpoints / "last.npz"
         self.best = self.checkpoints / "best.npz"
         self.failed = self.root / "failed.txt"
+        self.lock_file = self.root / ".lock"
         self._lock_fd: int | None = None
 
     def periodic(self, step: int) -> Path:
@@ -55,6 +66,19 @@ def default_run_dir(name: str, base: str | Path = "runs") -> Path:
     return path
 
 
+def check_entries(run: RunDir) -> None:
+    """Refuse (RunDirError) a run directory in which one of charrnn's own names is something that
+    charrnn never makes there: a link, FIFO, socket or device where a file belongs, or anything but
+    a real directory for checkpoints/ and samples/. The run directory itself is named by the user
+    and may be a link; what is inside it was made by charrnn, or planted by someone else."""
+    if not run.root.is_dir():
+        return
+    for path in (run.lock_file, run.metrics, run.config, run.failed):
+        atomic.check_regular(path)
+    for path in (run.checkpoints, run.samples):
+        atomic.check_directory(path)
+
+
 def unused(run: RunDir) -> bool:
     """Whether the directory holds nothing but what create() makes (and a start killed before its
     first checkpoint leaves): no config, no checkpoint, no metrics record. Such a directory is
@@ -62,9 +86,11 @@ def unused(run: RunDir) -> bool:
     for p in run.root.iterdir():
         if p.name == ".lock" or TEMP.match(p.name):
             continue
-        if p.name == "metrics.jsonl" and p.is_file() and p.stat().st_size == 0:
+        st = p.lstat()  # a link is never what create() made
+        if p.name == "metrics.jsonl" and stat.S_ISREG(st.st_mode) and st.st_size == 0:
             continue
-        if p.name in ("checkpoints", "samples") and p.is_dir() and all(TEMP.match(q.name) for q in p.iterdir()):
+        if p.name in ("checkpoints", "samples") and stat.S_ISDIR(st.st_mode) and all(TEMP.match(q.name)
+                                                                                    for q in p.iterdir()):
             continue
         return False
     return True
@@ -73,29 +99,36 @@ def unused(run: RunDir) -> bool:
 def remove_temp_files(run: RunDir) -> None:
     """Delete the temporary files of interrupted atomic writes. Only while holding the lock."""
     for d in (run.root, run.checkpoints, run.samples):
-        if d.is_dir():
+        if d.is_dir() and not d.is_symlink():
             for p in d.iterdir():
-                if TEMP.match(p.name) and p.is_file():
+                if TEMP.match(p.name) and stat.S_ISREG(p.lstat().st_mode):
                     p.unlink(missing_ok=True)
 
 
 def create(run: RunDir) -> None:
     """Make a new run directory; an existing one that holds a run is never reused without --resume."""
+    check_entries(run)
     if run.root.exists() and (not run.root.is_dir() or not unused(run)):
         raise UsageError(f"run directory {run.root} already exists; continue it with --resume {run.root} "
                          "or choose another --run-dir")
     try:
         for d in (run.root, run.checkpoints, run.samples):
             d.mkdir(parents=True, exist_ok=True)
-        run.metrics.touch()
+        check_entries(run)  # nothing was planted between the first check and the mkdirs
+        atomic.append(run.metrics, b"")  # creates it, refusing a link or FIFO planted in the meantime
     except OSError as e:
         raise RunDirError(f"cannot create run directory {run.root}: {e.strerror}") from None
 
 
 def lock(run: RunDir) -> None:
-    """Take the run's lock for the life of this process (released by the kernel if it dies)."""
+    """Take the run's lock for the life of this process (released by the kernel if it dies).
+
+    The lock is an flock on .lock, a regular file of this directory (never a link's target), which
+    then holds this process's PID. The directory's other entries are checked here too, since every
+    write into the run comes after this."""
+    check_entries(run)
     try:
-        fd = os.open(run.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = atomic.open_file(run.lock_file, os.O_RDWR | os.O_CREAT)
     except OSError as e:
         raise RunDirError(f"cannot lock run directory {run.root}: {e.strerror}") from None
     try:
@@ -106,8 +139,11 @@ def lock(run: RunDir) -> None:
             raise RunDirError(f"run directory {run.root} is in use by another charrnn process; "
                               "wait for it to finish or stop it first") from None
         raise RunDirError(f"cannot lock run directory {run.root}: {e.strerror}") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError:
+        pass  # the PID is for people; the flock is what counts
     run._lock_fd = fd
 
 
@@ -123,7 +159,7 @@ def mark_failed(run: RunDir, error: BaseException) -> None:
         return  # not our run (e.g. it was locked by another process): leave it alone
     try:
         write_text(run.failed, f"{type(error).__name__}: {error}\n")
-    except OSError:
+    except (OSError, CharRNNError):
         pass  # never hide the error being reported behind a second one
 
 
@@ -135,49 +171,64 @@ def write_text(path: Path, text: str) -> None:
     atomic.write_bytes(path, text.encode("utf-8"))
 
 
+def read_config(run: RunDir) -> dict:
+    """The run's config.yaml as a mapping, for display: {} when it is missing, unreadable, not a
+    regular file, not YAML or not a mapping. Its values are as found; check each before use."""
+    try:
+        doc = yaml.safe_load(atomic.read_bytes(run.config, CONFIG_MAX_BYTES).decode("utf-8"))
+    except (OSError, CharRNNError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+# ---- values read back from files others can write -----------------------------------------------
+
+def as_count(value, lo: int = 0, hi: int = 2**63 - 1) -> int | None:
+    """value if it is an int (not a bool) in [lo, hi], else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi else None
+
+
+def as_real(value) -> float | None:
+    """value as a float if it is a finite int or float (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float range
+        return None
+    return value if math.isfinite(value) else None
+
+
 # ---- metrics.jsonl --------------------------------------------------------------------------------
 
 def append_metrics(run: RunDir, record: dict) -> None:
     """Append one line with a single write(), so a crash leaves at most one torn last line. A
     write that fails part way (ENOSPC after a short write) is cut back off: no torn line at all."""
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    fd = os.open(run.metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        end = os.lseek(fd, 0, os.SEEK_END)
-        try:
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view):]
-        except OSError:
-            try:
-                os.ftruncate(fd, end)
-            except OSError:
-                pass  # the torn line stays; read_metrics skips it and --resume rewrites the file
-            raise
-    finally:
-        os.close(fd)
+    atomic.append(run.metrics, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """All complete records. A line that does not parse (the torn last line a crash can leave)
-    is skipped, never fatal."""
-    path = Path(path)
-    if not path.exists():
+    """All complete records. A line that does not parse (the torn last line a crash can leave),
+    or whose step is not a non-negative integer, is skipped, never fatal. The other values are as
+    found: check each before use (as_real). RunDirError if the file is a link, FIFO or the like."""
+    try:
+        data = atomic.read_bytes(path)
+    except FileNotFoundError:
         return []
     records = []
-    for line in path.read_bytes().split(b"\n"):
+    for line in data.split(b"\n"):
         try:
             record = json.loads(line) if line.strip() else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             record = None
-        if isinstance(record, dict):
+        if isinstance(record, dict) and as_count(record.get("step")) is not None:
             records.append(record)
     return records
 
 
 def truncate_metrics(run: RunDir, step: int) -> None:
     """On resume: keep the records up to `step` (later ones will be logged again)."""
-    kept = [r for r in read_metrics(run.metrics) if r.get("step", 0) <= step]
+    kept = [r for r in read_metrics(run.metrics) if r["step"] <= step]
     write_text(run.metrics, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
 
 

@@ -8,7 +8,9 @@ Everything is derived from the files a run directory already holds (runlog.py):
                 interrupted  last.npz is before train.max_steps (stopped by a signal; --resume it)
     progress    the newest of last.npz's meta and metrics.jsonl's last complete record
     best        the lowest val_bpc in metrics.jsonl, else the checkpoint's best_val_loss
-Reading is cheap: only a checkpoint's meta entry is read, never its arrays.
+Reading is cheap: only a checkpoint's meta entry is read, never its arrays. Nothing is trusted:
+files are read through atomic.py (never following a link, never blocking on a FIFO), and every
+value is type-checked as it is read; what cannot be known shows as unknown ("-"), never a traceback.
 """
 from __future__ import annotations
 
@@ -19,11 +21,12 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import yaml
-
-from charrnn import cells, checkpoint, runlog
-from charrnn.errors import CheckpointError, RunDirError
+from charrnn import atomic, cells, checkpoint, runlog
+from charrnn.errors import CharRNNError, CheckpointError, RunDirError
 from charrnn.model import make_spec, param_shapes
+
+MAX_HIDDEN, MAX_LAYERS = 16384, 64  # config's own limits on model.hidden_size and model.num_layers
+FAILED_MAX_BYTES = 64 << 10  # failed.txt holds one error message
 
 
 @dataclass
@@ -53,9 +56,9 @@ class RunInfo:
 def is_running(run: runlog.RunDir) -> bool:
     """Whether a process holds the run's lock. Takes a shared lock for an instant to find out."""
     try:
-        fd = os.open(run.root / ".lock", os.O_RDONLY)
-    except OSError:
-        return False  # never locked (or unreadable): nobody is training here
+        fd = atomic.open_file(run.lock_file, os.O_RDONLY)
+    except (OSError, CharRNNError):
+        return False  # never locked, unreadable, or not a regular file: no charrnn trains here
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as e:
@@ -68,73 +71,98 @@ def is_running(run: runlog.RunDir) -> bool:
 
 
 def looks_like_run(path: Path) -> bool:
-    return path.is_dir() and any((path / f).exists() for f in ("config.yaml", "metrics.jsonl", "checkpoints"))
+    return path.is_dir() and any(os.path.lexists(path / f) for f in ("config.yaml", "metrics.jsonl", "checkpoints"))
 
 
-def _config_yaml(run: runlog.RunDir) -> dict:
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _records(run: runlog.RunDir) -> list[dict]:
     try:
-        doc = yaml.safe_load(run.config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
+        return runlog.read_metrics(run.metrics)
+    except (OSError, CharRNNError):
+        return []  # unreadable, or not a regular file: the rest of the row still tells something
 
 
-def _best(records: list[dict], meta: dict | None) -> tuple[float | None, int | None]:
-    evals = [r for r in records if isinstance(r.get("val_bpc"), (int, float))]
+def _meta(run: runlog.RunDir) -> tuple[dict | None, str | None]:
+    """last.npz's metadata (None if unreadable) and why it is unreadable."""
+    try:
+        if not atomic.check_regular(run.last):  # never open a FIFO (it would block) or follow a link
+            raise CheckpointError(f"{run.last}: no such checkpoint file")
+        return checkpoint.read_meta(run.last), None
+    except (CharRNNError, OSError) as e:
+        return None, str(e)
+
+
+def _failure(run: runlog.RunDir) -> str | None:
+    """What failed.txt says; None if there is none."""
+    if not os.path.lexists(run.failed):
+        return None
+    try:
+        return atomic.read_bytes(run.failed, FAILED_MAX_BYTES).decode("utf-8", errors="replace").strip()
+    except (OSError, CharRNNError) as e:
+        return f"{run.failed} is unreadable: {getattr(e, 'strerror', None) or e}"
+
+
+def _best(records: list[dict], meta: dict) -> tuple[float | None, int | None]:
+    evals = [(bpc, r["step"]) for r in records if (bpc := runlog.as_real(r.get("val_bpc"))) is not None]
     if evals:
-        best = min(evals, key=lambda r: r["val_bpc"])  # min keeps the earliest of equal values
-        return best["val_bpc"], best.get("step")
-    if meta and meta.get("best_val_loss") is not None:
-        return meta["best_val_loss"] / math.log(2), meta.get("best_step")
+        return min(evals, key=lambda e: e[0])  # min keeps the earliest of equal values
+    loss = runlog.as_real(meta.get("best_val_loss"))
+    if loss is not None:
+        return loss / math.log(2), runlog.as_count(meta.get("best_step"))
     return None, None
 
 
-def _model(cfg: dict, meta: dict | None) -> dict:
-    m = cfg.get("model") or {}
-    H, L, bidir = m.get("hidden_size"), m.get("num_layers"), bool(m.get("bidirectional"))
+def _model(cfg: dict, meta: dict) -> dict:
+    """Model columns from a config mapping whose values are as found (checked against config's limits)."""
+    m = _mapping(cfg.get("model"))
+    H = runlog.as_count(m.get("hidden_size"), 1, MAX_HIDDEN)
+    L = runlog.as_count(m.get("num_layers", 1), 1, MAX_LAYERS)
+    bidir = m.get("bidirectional") is True
     cell = m.get("cell", "rnn")  # format-1 runs predate the key: vanilla cells
-    kind = None if H is None else "bidirectional" if bidir else "stacked" if (L or 1) > 1 else "vanilla"
+    if H is None or L is None or cell not in cells.NAMES:
+        return {"kind": None, "cell": None, "layers": None, "hidden": None, "params": None, "objective": None}
+    vocab = meta.get("vocab")
     params = None
-    if meta and H and L and cell in cells.NAMES and isinstance(meta.get("vocab"), (list, str)):
-        spec = make_spec(len(meta["vocab"]), int(H), int(L), bidir, cell)
-        params = sum(math.prod(s) for s in param_shapes(spec).values())
-    return {"kind": kind, "cell": cell if H is not None else None, "layers": L, "hidden": H, "params": params,
-            "objective": None if H is None else "cloze" if bidir else "next-char"}
+    if isinstance(vocab, (list, str)) and vocab:
+        params = sum(math.prod(s) for s in param_shapes(make_spec(len(vocab), H, L, bidir, cell)).values())
+    return {"kind": "bidirectional" if bidir else "stacked" if L > 1 else "vanilla", "cell": cell, "layers": L,
+            "hidden": H, "params": params, "objective": "cloze" if bidir else "next-char"}
 
 
-def _state(run: runlog.RunDir, meta: dict | None, max_steps: int | None) -> str:
+def _state(run: runlog.RunDir, meta: dict | None, failure: str | None, max_steps: int | None) -> str:
     if is_running(run):
         return "running"
-    if run.failed.exists() or meta is None:
+    if failure is not None or meta is None:
         return "failed"
-    if max_steps is not None and meta.get("step", 0) >= max_steps:
+    if max_steps is not None and (runlog.as_count(meta.get("step")) or 0) >= max_steps:
         return "finished"
     return "interrupted"
 
 
 def run_info(root: str | Path) -> RunInfo:
-    """One row of the runs table for the run directory root."""
+    """One row of the runs table for the run directory root. Every value comes from files that
+    others may have written, so each is checked as it is read: a wrong one shows as unknown."""
     run = runlog.RunDir(root)
-    records = runlog.read_metrics(run.metrics)
-    meta, error = None, None
-    try:
-        meta = checkpoint.read_meta(run.last)
-    except CheckpointError as e:
-        error = str(e)
-    cfg = (meta or {}).get("config") or _config_yaml(run)
-    max_steps = (cfg.get("train") or {}).get("max_steps")
+    records = _records(run)
+    meta, error = _meta(run)
+    known = meta or {}
+    cfg = _mapping(known.get("config")) or runlog.read_config(run)
+    max_steps = runlog.as_count(_mapping(cfg.get("train")).get("max_steps"))
     last = records[-1] if records else {}
-    steps = max((meta or {}).get("step", 0), last.get("step", 0))
-    speeds = [r["chars_per_sec"] for r in records if r.get("chars_per_sec") is not None]
-    best, best_step = _best(records, meta)
-    state = _state(run, meta, max_steps)
-    if run.failed.exists():
-        error = run.failed.read_text(encoding="utf-8", errors="replace").strip()
-    return RunInfo(run.root.name, str(run.root), **_model(cfg, meta), steps=steps, max_steps=max_steps,
-                   chars_seen=last.get("chars_seen", (meta or {}).get("chars_seen")), best_val_bpc=best,
-                   best_step=best_step, chars_per_sec=speeds[-1] if speeds else None,
-                   elapsed_s=last.get("elapsed_s", (meta or {}).get("elapsed_s")), state=state,
-                   error=error if state == "failed" else None)
+    steps = max(runlog.as_count(known.get("step")) or 0, last.get("step", 0))
+    speeds = [v for r in records if (v := runlog.as_real(r.get("chars_per_sec"))) is not None]
+    chars = runlog.as_count(last.get("chars_seen", known.get("chars_seen")))
+    elapsed = runlog.as_real(last.get("elapsed_s", known.get("elapsed_s")))
+    best, best_step = _best(records, known)
+    failure = _failure(run)
+    state = _state(run, meta, failure, max_steps)
+    return RunInfo(run.root.name, str(run.root), **_model(cfg, known), steps=steps, max_steps=max_steps,
+                   chars_seen=chars, best_val_bpc=best, best_step=best_step,
+                   chars_per_sec=speeds[-1] if speeds else None, elapsed_s=elapsed, state=state,
+                   error=(failure or error) if state == "failed" else None)
 
 
 def list_runs(base: str | Path = "runs") -> list[RunInfo]:

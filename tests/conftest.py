@@ -156,3 +156,19 @@ def faults():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def no_hang():
+    """Turns a hang (a blocking open of a FIFO with no writer) into a test failure (SIGALRM after
+    60 s) instead of a stuck suite."""
+    import signal
+
+    def expired(signum, frame):
+        raise TimeoutError("blocked for 60 s: a FIFO was opened as if it were a file")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
