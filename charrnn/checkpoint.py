@@ -11,32 +11,57 @@ Entries:
 Format versions: 1 (vanilla cells only; its config has no model.cell) and 2 (model.cell names the
 cell). Version-1 files load as rnn models, unchanged.
 
-Nothing is ever unpickled. Loading checks everything before trusting it: the zip directory's
-declared sizes against the shapes the metadata implies and their sum against the machine's
-memory, each .npy header against its entry's size before anything is allocated (so a hostile
-file cannot make us allocate gigabytes), the format version, the metadata (vocabulary, config),
-every parameter's presence, shape and dtype, and that every array is finite. Writes go to a temporary file in the same directory, are fsynced and renamed over
-the target, so a reader (or a crash) sees the old complete file or the new complete file.
+A checkpoint may come from a stranger, so nothing is ever unpickled and every size is bounded
+before anything is decompressed, parsed or allocated:
+  - the zip directory: only stored or deflated entries (zipfile inflates bzip2 and lzma data
+    without a bound on the output), and no more inflation than real arrays show (charrnn writes
+    entries uncompressed; float weights that numpy.savez_compressed deflates shrink by a few
+    percent; only all-zero arrays shrink more, and INFLATE_ALLOWANCE covers those);
+  - the meta entry: at most what a vocabulary of every Unicode character plus a config can take,
+    with a bounded number of lists, objects and items, counted before the JSON is parsed;
+  - its fields against META_FIELDS (types and ranges, as config values are checked), its config
+    (config.from_dict) and vocabulary; the model it describes, with one training window, must fit
+    this machine's memory, since every command allocates from those numbers;
+  - the entries: names and declared sizes against the shapes meta implies, their sum against
+    memory, each .npy header against its entry's size, then every parameter's shape, dtype and
+    finiteness.
+Writes go to a temporary file in the same directory, are fsynced and renamed over the target, so a
+reader (or a crash) sees the old complete file or the new complete file.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import stat
 import zipfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from charrnn import atomic, config, model
 from charrnn.errors import CharRNNError, CheckpointError
-from charrnn.vocab import Vocab
+from charrnn.vocab import MAX_SIZE as MAX_VOCAB, Vocab
 
 FORMAT_VERSION = 2
-META_MAX_BYTES = 64 << 20
 HEADER_SLACK = 4096  # bytes an .npy header may add to the raw array data
 FLOAT_DTYPES = ("float32", "float64")
+# The meta entry as save() writes it (json.dumps, ensure_ascii=False): a vocabulary entry takes at
+# most 10 characters ('"\u001f", ', control characters being escaped); everything else (the config
+# with its paths, the generator state, counters) far less than META_OTHER_CHARS.
+META_OTHER_CHARS = 1 << 20
+META_MAX_CHARS = 10 * MAX_VOCAB + META_OTHER_CHARS
+META_MAX_BYTES = 4 * META_MAX_CHARS + HEADER_SLACK  # a '<U' array: 4 bytes per character
+# Counted in the text before parsing, strings included: json.loads turns each list, object and item
+# into a Python object, and a few megabytes of '[],' or '{},' would take gigabytes. charrnn's meta
+# has about a dozen lists and objects, and an item per vocabulary entry plus a few hundred.
+META_MAX_CONTAINERS = 256
+META_MAX_ITEMS = MAX_VOCAB + 4096
+COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+MAX_RATIO = 16  # declared / compressed size that an entry of real (non-zero) floats stays under
+INFLATE_ALLOWANCE = 32 << 20  # bytes in all that entries may inflate beyond MAX_RATIO (zero arrays)
+READ_CHUNK = 16 << 20
 
 
 class Checkpoint(NamedTuple):
@@ -48,15 +73,40 @@ class Checkpoint(NamedTuple):
     spec: model.Spec  # the architecture, from meta
 
 
+def present(path: str | Path) -> bool:
+    """Whether a checkpoint file is at path: False when nothing is there, CheckpointError (one line
+    saying what is there instead) for a directory, a link to nothing, a FIFO or device. Links to a
+    file are followed: reading through them cannot harm, and users link best.npz to a step."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise CheckpointError(f"{path} is a symbolic link to a missing file ({os.readlink(path)}); point it "
+                                  "at a checkpoint or remove it") from None
+        return False
+    except OSError as e:  # ELOOP (links in a circle), EACCES on a directory above it, ...
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if stat.S_ISREG(st.st_mode):
+        return True
+    what = ("a directory" if stat.S_ISDIR(st.st_mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode)
+            else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+    raise CheckpointError(f"{path} is {what}, not a checkpoint file; move it away and put a checkpoint file in its place")
+
+
 def resolve(target: str | Path) -> Path:
     """A checkpoint file, or a run directory meaning its best.npz, else its last.npz."""
     target = Path(target)
     if target.is_dir():
+        checkpoints = target / "checkpoints"
+        if not checkpoints.is_dir():
+            raise CheckpointError(f"{target} is a directory, not a checkpoint file or a run directory (no "
+                                  "checkpoints/best.npz or checkpoints/last.npz in it); name a .npz file or a run directory")
         for name in ("best.npz", "last.npz"):
-            if (target / "checkpoints" / name).is_file():
-                return target / "checkpoints" / name
+            if present(checkpoints / name):
+                return checkpoints / name
         raise CheckpointError(f"{target}: no checkpoints/best.npz or checkpoints/last.npz in this run directory")
-    if not target.exists():
+    if not present(target):
         raise CheckpointError(f"{target}: no such checkpoint file or run directory")
     return target
 
@@ -76,6 +126,77 @@ def save(path: Path, params: dict, meta: dict, optim: dict | None = None, state:
         raise CheckpointError(f"refusing to write {path}: non-finite values in {', '.join(bad)}")
     arrays["meta"] = np.array(json.dumps({**meta, "format_version": FORMAT_VERSION}, ensure_ascii=False))
     atomic.write(Path(path), lambda f: np.savez(f, **arrays))
+
+
+# ---- the metadata's fields: one declared schema, one validator --------------------------------
+
+class Field(NamedTuple):
+    test: Callable[[Any], bool]
+    want: str  # what the value must be, for the message
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+
+
+def _is_real(v) -> bool:
+    # an int is finite (math.isfinite would overflow on a huge one); a float must be checked
+    return isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and math.isfinite(v)
+
+
+def _is_char(v) -> bool:
+    return isinstance(v, str) and len(v) == 1
+
+
+def nullable(f: Field) -> Field:
+    return Field(lambda v: v is None or f.test(v), f"{f.want}, or null")
+
+
+def accumulator(counts: tuple, sums: tuple) -> Field:
+    """A mapping of running sums as the trainer keeps them: counts and float sums by name (the
+    float sums exist once a finite step was counted)."""
+    def test(v) -> bool:
+        return (isinstance(v, dict) and set(v) <= {*counts, *sums}
+                and all(_is_count(v[k]) for k in counts if k in v) and all(_is_real(v[k]) for k in sums if k in v)
+                and (not v.get("finite") or all(k in v for k in sums)))
+    return Field(test, f"a mapping of {', '.join(counts + sums)} to numbers")
+
+
+COUNT = Field(_is_count, "a non-negative integer")
+REAL = Field(_is_real, "a finite number")
+SECONDS = Field(lambda v: _is_real(v) and v >= 0, "a non-negative number")
+# what sample, eval, diagnose, runs and --init-from read from meta, checked whenever present
+# (format_version, config and the vocabulary's order have their own checks and messages)
+META_FIELDS = {
+    "objective": Field(lambda v: v in ("next-char", "cloze"), "next-char or cloze"),
+    "vocab": Field(lambda v: isinstance(v, list) and 0 < len(v) <= MAX_VOCAB and all(map(_is_char, v)),
+                   f"a list of 1 to {MAX_VOCAB:,} single characters"),
+    "unk": nullable(Field(_is_char, "a single character")),
+    "config": Field(lambda v: isinstance(v, dict), "a mapping of config sections"),
+    "step": COUNT, "best_step": nullable(COUNT), "chars_seen": COUNT,
+    "best_val_loss": nullable(REAL), "elapsed_s": SECONDS,
+}
+
+
+def _shown(value) -> str:
+    """A value for a one-line message: short, and never the repr of a huge container."""
+    if isinstance(value, (list, dict)):
+        return f"a {'list' if isinstance(value, list) else 'mapping'} of {len(value):,} items"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def invalid_fields(doc: dict, schema: dict, required: bool = False) -> list[str]:
+    """'name = value: must be ...' (or 'name missing') for every field of doc that schema refuses;
+    fields that are absent count only when required."""
+    bad = []
+    for name, f in schema.items():
+        if name not in doc:
+            if required:
+                bad.append(f"{name} missing")
+        elif not f.test(doc[name]):
+            bad.append(f"{name} = {_shown(doc[name])}: must be {f.want}")
+    return bad
 
 
 # ---- reading --------------------------------------------------------------------------------------
@@ -116,11 +237,41 @@ def _read_entry(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.nd
                               f"{info.file_size:,}-byte entry; refusing to load it")
         buf = bytearray(nbytes)
         got = 0
-        while got < nbytes and (n := f.readinto(memoryview(buf)[got:])):
+        # in chunks: a zip entry's readinto(b) reads len(b) bytes into a second buffer first
+        while got < nbytes and (n := f.readinto(memoryview(buf)[got : got + READ_CHUNK])):
             got += n
     if got != nbytes:
         raise _fail(path, f"entry {info.filename} is truncated ({got:,} of {nbytes:,} bytes)")
     return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape, order="F" if fortran else "C")
+
+
+def _check_members(path: Path, zf: zipfile.ZipFile) -> None:
+    """Before anything is decompressed: every entry stored or deflated, and none inflating more than
+    real arrays do, so that a small file cannot make us decompress gigabytes."""
+    for info in zf.infolist():
+        if info.compress_type not in COMPRESSIONS:
+            raise _fail(path, f"entry {info.filename} uses zip compression method {info.compress_type}; charrnn "
+                              "reads stored or deflated entries only (as numpy.savez and savez_compressed write)")
+    over = [(info.file_size - MAX_RATIO * info.compress_size, info) for info in zf.infolist()]
+    if sum(max(0, n) for n, _ in over) > INFLATE_ALLOWANCE:
+        worst = max(over, key=lambda pair: pair[0])[1]
+        raise _fail(path, f"entry {worst.filename} declares {worst.file_size:,} bytes in {worst.compress_size:,} "
+                          f"compressed ones, far more than arrays of weights compress (a zip bomb?); refusing to "
+                          "load it (a recompressed checkpoint loads once saved again with numpy.savez)")
+
+
+def _parse_meta(path: Path, text: str) -> Any:
+    """json.loads, once a count of brackets and separators shows the parse stays small."""
+    containers, items = text.count("[") + text.count("{"), text.count(",") + text.count(":")
+    if containers > META_MAX_CONTAINERS or items > META_MAX_ITEMS:
+        raise _fail(path, f"meta entry is not valid JSON metadata ({containers:,} lists and objects, {items:,} items: "
+                          f"more than a vocabulary of at most {MAX_VOCAB:,} characters and a config need)")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _fail(path, f"meta entry is not valid JSON ({e.msg} at position {e.pos})") from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer of more digits than int() converts
+        raise _fail(path, f"meta entry is not valid JSON ({str(e).splitlines()[0]})") from None
 
 
 def _read_meta(path: Path, zf: zipfile.ZipFile) -> dict:
@@ -129,16 +280,18 @@ def _read_meta(path: Path, zf: zipfile.ZipFile) -> dict:
     except KeyError:
         raise _fail(path, "not a charrnn checkpoint (no meta entry)") from None
     if info.file_size > META_MAX_BYTES:
-        raise _fail(path, f"meta entry is {info.file_size:,} bytes, more than a checkpoint's metadata can be")
+        raise _fail(path, f"meta entry is {info.file_size:,} bytes, more than a checkpoint's metadata can be "
+                          f"({META_MAX_BYTES:,})")
     raw = _read_entry(path, zf, info)
     if raw.dtype.kind != "U" or raw.shape != ():
         raise _fail(path, "meta entry is not a JSON string")
-    try:
-        meta = json.loads(str(raw[()]))
-    except json.JSONDecodeError as e:
-        raise _fail(path, f"meta entry is not valid JSON ({e.msg} at position {e.pos})") from None
-    except RecursionError:
-        raise _fail(path, "meta entry is not valid JSON (nested too deeply)") from None
+    # decoded from the entry's buffer, which then goes, rather than through a numpy string: one
+    # copy of the text instead of three before the parse allocates (surrogatepass: save() stores
+    # whatever json.dumps wrote, lone surrogates included)
+    codec = "utf-32-be" if raw.dtype.str.startswith(">") else "utf-32-le"
+    text = str(raw.reshape(1).view(np.uint8).data, codec, "surrogatepass").rstrip("\0")
+    del raw
+    meta = _parse_meta(path, text)
     if not isinstance(meta, dict):
         raise _fail(path, "meta entry is not a JSON object")
     version = meta.get("format_version")
@@ -150,80 +303,12 @@ def _read_meta(path: Path, zf: zipfile.ZipFile) -> dict:
     return meta
 
 
-def read_meta(target: str | Path) -> dict:
-    """Only the metadata of a checkpoint (or of a run directory's best/last): no arrays are read."""
-    path = resolve(target)
+def _open(path: Path, read: Callable[[zipfile.ZipFile], Any]) -> Any:
+    """read(zip file) with every way a file can fail to be a readable zip as one CheckpointError."""
     try:
         with zipfile.ZipFile(path) as zf:
-            return _read_meta(path, zf)
-    except CheckpointError:
-        raise
-    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError):
-        raise _fail(path, "not a valid .npz file (corrupted, truncated or unreadable)") from None
-
-
-def spec_of_meta(meta: dict) -> model.Spec:
-    """The architecture that checked metadata (vocab and model config) describes."""
-    return model.spec_of_config(len(meta["vocab"]), config.from_dict(meta["config"], "meta").model)
-
-
-def _check_meta(path: Path, meta: dict) -> None:
-    """The parts of the metadata that loading and every command rely on: a valid config, a
-    valid vocabulary and an objective that matches the model config."""
-    try:
-        cfg = config.from_dict(meta["config"], "meta")
-        if not Vocab.from_json(meta).chars:
-            raise _fail(path, "invalid meta (empty vocabulary)")
-    except KeyError as e:
-        raise _fail(path, f"meta lacks {e.args[0]!r}") from None
-    except CheckpointError:
-        raise
-    except CharRNNError as e:
-        raise _fail(path, f"invalid meta ({e})") from None
-    except (TypeError, ValueError, AttributeError):
-        raise _fail(path, "invalid meta (config must be a mapping, vocab a list of single characters)") from None
-    objective = "cloze" if cfg.model.bidirectional else "next-char"
-    if meta.get("objective", objective) != objective:
-        raise _fail(path, f"invalid meta: objective {meta['objective']!r} does not match model.bidirectional="
-                          f"{cfg.model.bidirectional}")
-
-
-def _allowed_entries(meta: dict, spec: model.Spec, shapes: dict) -> dict:
-    """Every entry a checkpoint with this metadata may hold, with its maximal size in bytes."""
-    allowed = {f"{name}.npy": 8 * math.prod(s) for name, s in shapes.items()}
-    for name, s in shapes.items():
-        for slot in ("velocity", "sum_sq", "mean_sq", "m", "v"):
-            allowed[f"optim/{slot}/{name}.npy"] = 8 * math.prod(s)
-    for d in spec.dirs:
-        for l in range(spec.L):
-            allowed[f"state/{d}/{l}.npy"] = 8 * spec.state_size * int(meta["config"]["train"]["batch_size"])
-    return {k: v + HEADER_SLACK for k, v in allowed.items()}
-
-
-def load(target: str | Path, with_training_state: bool = True) -> Checkpoint:
-    """Read and check a checkpoint (or a run directory's best/last). Raises CheckpointError."""
-    path = resolve(target)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            meta = _read_meta(path, zf)
-            _check_meta(path, meta)
-            spec = spec_of_meta(meta)
-            shapes = model.param_shapes(spec)
-            allowed = _allowed_entries(meta, spec, shapes)
-            for info in zf.infolist():
-                if info.filename == "meta.npy":
-                    continue
-                if info.filename not in allowed:
-                    raise _fail(path, f"unexpected entry {info.filename!r} for the {spec.cell} model its meta describes")
-                if info.file_size > allowed[info.filename]:
-                    raise _fail(path, f"entry {info.filename} declares {info.file_size:,} bytes, more than its shape allows; refusing to load it")
-            wanted = [info for info in zf.infolist() if info.filename != "meta.npy"
-                      and (with_training_state or info.filename[: -len(".npy")] in shapes)]
-            need, limit = sum(info.file_size for info in wanted), memory_limit()
-            if need > limit:
-                raise _fail(path, f"its arrays need {need / 2**30:.1f} GiB, more than this machine's memory "
-                                  f"({limit / 2**30:.1f} GiB); refusing to load it")
-            arrays = {info.filename[: -len(".npy")]: _read_entry(path, zf, info) for info in wanted}
+            _check_members(path, zf)
+            return read(zf)
     except CheckpointError:
         raise
     except FileNotFoundError:
@@ -232,9 +317,115 @@ def load(target: str | Path, with_training_state: bool = True) -> Checkpoint:
         raise _fail(path, "permission denied") from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile):
         raise _fail(path, "not a valid .npz file (corrupted or truncated)") from None
+    except MemoryError:
+        raise _fail(path, "not enough free memory to load it; close other programs or use a larger machine") from None
     except (ValueError, EOFError, OSError, RuntimeError, NotImplementedError) as e:
         raise _fail(path, f"unreadable entry ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    return _check(path, arrays, meta, spec)
+
+
+def read_meta(target: str | Path) -> dict:
+    """Only the metadata of a checkpoint (or of a run directory's best/last), checked as load()
+    checks it: no arrays are read."""
+    path = resolve(target)
+
+    def read(zf):
+        meta = _read_meta(path, zf)
+        _check_meta(path, meta)
+        return meta
+    return _open(path, read)
+
+
+def spec_of_meta(meta: dict) -> model.Spec:
+    """The architecture that checked metadata (vocab and model config) describes."""
+    return model.spec_of_config(len(meta["vocab"]), config.from_dict(meta["config"], "meta").model)
+
+
+def _check_meta(path: Path, meta: dict) -> config.Config:
+    """The parts of the metadata that loading and every command rely on: the fields' types, a
+    valid config, a valid vocabulary, an objective that matches the model config, and a model that
+    this machine can hold. Returns the config."""
+    for key in ("vocab", "config"):
+        if key not in meta:
+            raise _fail(path, f"meta lacks {key!r}")
+    bad = invalid_fields(meta, META_FIELDS)
+    if bad:
+        raise _fail(path, f"invalid meta ({bad[0]}); the file is damaged or was not written by charrnn")
+    try:
+        cfg = config.from_dict(meta["config"], "meta")
+        Vocab.from_json(meta)
+    except CharRNNError as e:
+        raise _fail(path, f"invalid meta ({e})") from None
+    except (TypeError, ValueError, AttributeError):
+        raise _fail(path, "invalid meta (config must be a mapping, vocab a list of single characters)") from None
+    objective = "cloze" if cfg.model.bidirectional else "next-char"
+    if meta.get("objective", objective) != objective:
+        raise _fail(path, f"invalid meta: objective {meta['objective']!r} does not match model.bidirectional="
+                          f"{cfg.model.bidirectional}")
+    _check_footprint(path, model.spec_of_config(len(meta["vocab"]), cfg.model), cfg)
+    return cfg
+
+
+def _check_footprint(path: Path, spec: model.Spec, cfg: config.Config) -> None:
+    """Refuse a model that cannot fit this machine before any command allocates from meta's numbers:
+    its parameters and the activations of one training window (train.batch_size x train.seq_len
+    characters, each holding at least every layer's state and the V logits), in float32. The
+    trainer held at least as much, so a checkpoint trained on a machine like this one passes."""
+    params = sum(math.prod(s) for s in model.param_shapes(spec).values())
+    per_char = len(spec.dirs) * spec.L * spec.state_size + spec.V
+    need, limit = 4 * (params + cfg.train.batch_size * cfg.train.seq_len * per_char), memory_limit()
+    if need > limit:
+        raise _fail(path, f"its meta describes a model needing at least {need / 2**30:,.1f} GiB ({params:,} parameters, "
+                          f"windows of {cfg.train.batch_size:,} x {cfg.train.seq_len:,} characters), more than this "
+                          f"machine's memory ({limit / 2**30:.1f} GiB); refusing to load it")
+
+
+def _allowed_entries(spec: model.Spec, shapes: dict, batch_size: int) -> dict:
+    """Every entry a checkpoint with this metadata may hold, with its maximal size in bytes."""
+    allowed = {f"{name}.npy": 8 * math.prod(s) for name, s in shapes.items()}
+    for name, s in shapes.items():
+        for slot in ("velocity", "sum_sq", "mean_sq", "m", "v"):
+            allowed[f"optim/{slot}/{name}.npy"] = 8 * math.prod(s)
+    for d in spec.dirs:
+        for l in range(spec.L):
+            allowed[f"state/{d}/{l}.npy"] = 8 * spec.state_size * batch_size
+    return {k: v + HEADER_SLACK for k, v in allowed.items()}
+
+
+def _wanted_entries(path: Path, zf: zipfile.ZipFile, spec: model.Spec, batch_size: int,
+                    with_training_state: bool) -> list[zipfile.ZipInfo]:
+    """The entries to read, each checked against the shapes meta implies and all together against
+    this machine's memory, before any is read."""
+    shapes = model.param_shapes(spec)
+    allowed = _allowed_entries(spec, shapes, batch_size)
+    for info in zf.infolist():
+        if info.filename == "meta.npy":
+            continue
+        if info.filename not in allowed:
+            raise _fail(path, f"unexpected entry {info.filename!r} for the {spec.cell} model its meta describes")
+        if info.file_size > allowed[info.filename]:
+            raise _fail(path, f"entry {info.filename} declares {info.file_size:,} bytes, more than its shape allows; "
+                              "refusing to load it")
+    wanted = [info for info in zf.infolist() if info.filename != "meta.npy"
+              and (with_training_state or info.filename[: -len(".npy")] in shapes)]
+    need, limit = sum(info.file_size for info in wanted), memory_limit()
+    if need > limit:
+        raise _fail(path, f"its arrays need {need / 2**30:.1f} GiB, more than this machine's memory "
+                          f"({limit / 2**30:.1f} GiB); refusing to load it")
+    return wanted
+
+
+def load(target: str | Path, with_training_state: bool = True) -> Checkpoint:
+    """Read and check a checkpoint (or a run directory's best/last). Raises CheckpointError."""
+    path = resolve(target)
+
+    def read(zf):
+        meta = _read_meta(path, zf)
+        cfg = _check_meta(path, meta)
+        spec = model.spec_of_config(len(meta["vocab"]), cfg.model)
+        wanted = _wanted_entries(path, zf, spec, cfg.train.batch_size, with_training_state)
+        arrays = {info.filename[: -len(".npy")]: _read_entry(path, zf, info) for info in wanted}
+        return arrays, meta, spec
+    return _check(path, *_open(path, read))
 
 
 def _check(path: Path, arrays: dict, meta: dict, spec: model.Spec) -> Checkpoint:

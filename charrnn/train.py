@@ -11,6 +11,7 @@ cli.py decides what the user sees.
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -118,22 +119,40 @@ def _fresh_state(ctx: Context, init_params: dict | None = None) -> TrainState:
     return TrainState(theta, ctx.layout.views(theta), optim.init_state(cfg.train.optimizer, ctx.layout.size, ctx.dtype), rng, None)
 
 
-COUNTERS = ("step", "updates", "pos", "chars_seen", "skips")  # non-negative integers in every training checkpoint
-NUMBERS = ("best_val_loss", "best_step", "last_finite_loss", "elapsed_s")  # numbers (the first three may be null)
+def _is_below(v, bound: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < bound
+
+
+def _is_pcg64_state(v) -> bool:
+    """The form numpy's PCG64 reports as bit_generator.state, every number in its range."""
+    inner = v.get("state") if isinstance(v, dict) else None
+    return (isinstance(inner, dict) and set(v) == {"bit_generator", "state", "has_uint32", "uinteger"}
+            and v["bit_generator"] == "PCG64" and set(inner) == {"state", "inc"}
+            and _is_below(inner["state"], 2**128) and _is_below(inner["inc"], 2**128)
+            and _is_below(v["has_uint32"], 2) and _is_below(v["uinteger"], 2**32))
+
+
+# everything --resume takes from the metadata (checkpoint.load has checked the fields every command
+# reads, where present); all of it must be there, in range
+RESUME_FIELDS = {
+    **{k: checkpoint.COUNT for k in ("step", "updates", "pos", "chars_seen", "skips")},
+    "best_val_loss": checkpoint.nullable(checkpoint.REAL), "best_step": checkpoint.nullable(checkpoint.COUNT),
+    "last_finite_loss": checkpoint.nullable(checkpoint.REAL), "elapsed_s": checkpoint.SECONDS,
+    "rng": checkpoint.Field(_is_pcg64_state, "a numpy PCG64 random generator state"),
+    "acc": checkpoint.accumulator(("steps", "chars", "clipped", "finite"), ("loss_sum", "norm_max")),
+    "eval_acc": checkpoint.accumulator(("steps", "clipped", "finite"), ("norm_sum", "norm_max")),
+}
 
 
 def _check_training_meta(ck: checkpoint.Checkpoint, ctx: Context) -> None:
     """Everything --resume takes from the metadata and hidden state, before any of it is used."""
-    meta = ck.meta
-    integer = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
-    bad = [k for k in COUNTERS if not integer(meta.get(k))]
-    bad += [k for k in NUMBERS if k not in meta or not (number(meta[k]) or (meta[k] is None and k != "elapsed_s"))]
-    bad += [k for k in ("rng", "acc", "eval_acc") if not isinstance(meta.get(k, {}), dict)]
-    bad += [f"state/{d}" for d, layers in ck.state.items()
+    meta = {"acc": {}, "eval_acc": {}, **ck.meta}  # the accumulators may be absent (empty)
+    bad = checkpoint.invalid_fields(meta, RESUME_FIELDS, required=True)
+    bad += [f"state/{d} has the wrong shape" for d, layers in ck.state.items()
             if d not in ctx.spec.dirs or len(layers) != ctx.spec.L or any(a.shape != (ctx.N, ctx.spec.state_size) for a in layers)]
     if bad:
-        raise CheckpointError(f"{ck.path}: its training state is missing or invalid ({', '.join(bad)}), so the run cannot be "
+        shown = "; ".join(bad[:3]) + (f"; {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(f"{ck.path}: its training state is missing or invalid ({shown}), so the run cannot be "
                               f"resumed from it; start a new run from its weights with --init-from {ck.path}")
 
 
@@ -147,16 +166,16 @@ def _restore_state(ctx: Context, ck: checkpoint.Checkpoint) -> TrainState:
         flat[:] = ctx.layout.flatten(ck.optim[slot], ctx.dtype)
     try:
         state.rng.bit_generator.state = meta["rng"]
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise CheckpointError(f"{ck.path}: its random generator state is invalid, so the run cannot be resumed "
                               f"exactly; start a new run from its weights with --init-from {ck.path}") from None
     state.h = ck.state or None
     for key in ("step", "updates", "pos", "chars_seen", "best_val_loss", "best_step", "skips", "last_finite_loss"):
         setattr(state, key, meta[key])
-    state.elapsed_before, state.acc = meta["elapsed_s"], meta.get("acc", {})
+    state.elapsed_before, state.acc = meta["elapsed_s"], dict(meta.get("acc", {}))
     # throughput counts this session only: the interval's clock restarts at resume
     state.acc.pop("chars", None)
-    state.eval_acc = meta.get("eval_acc", {})
+    state.eval_acc = dict(meta.get("eval_acc", {}))
     return state
 
 
@@ -388,14 +407,14 @@ def newest_checkpoint(run: runlog.RunDir) -> checkpoint.Checkpoint | None:
     killed after an evaluation improved but before its next last.npz). None if the run has no
     checkpoint at all (it was killed before its first one)."""
     last = best = None
-    if run.last.exists():
+    if checkpoint.present(run.last):  # a directory or a dangling link there is named as such
         try:
             last = checkpoint.load(run.last)
         except CheckpointError as e:
             others = sorted(p.name for p in run.checkpoints.glob("*.npz") if p != run.last)
             hint = f"; to resume from another checkpoint ({', '.join(others)}), copy it over {run.last}" if others else ""
             raise CheckpointError(f"{e}{hint}") from None
-    if run.best.exists():
+    if run.best.exists() or run.best.is_symlink():
         try:
             step, last_step = checkpoint.read_meta(run.best).get("step"), last and last.meta.get("step")
             newer = last is None or (isinstance(step, int) and isinstance(last_step, int) and step > last_step)
@@ -406,16 +425,32 @@ def newest_checkpoint(run: runlog.RunDir) -> checkpoint.Checkpoint | None:
     return best if best is not None else last
 
 
+def _nothing_to_resume(run: runlog.RunDir) -> CheckpointError:
+    """Why a directory without a checkpoint cannot be resumed: it is none, never was a run, or is a
+    run stopped before its first checkpoint (what create() makes: checkpoints/, samples/ and an
+    empty metrics.jsonl; .lock and temporary files say nothing, --resume itself makes a .lock)."""
+    root = run.root
+    if not root.is_dir():
+        return CheckpointError(f"cannot resume {root}: no such run directory; start a run with: "
+                               f"charrnn train -c CONFIG --run-dir {root}")
+    if not any(os.path.lexists(p) for p in (run.config, run.metrics, run.checkpoints, run.samples)):
+        if runlog.unused(run):
+            return CheckpointError(f"cannot resume {root}: it is an empty directory, not a charrnn run directory; "
+                                   f"start a run in it with: charrnn train -c CONFIG --run-dir {root}")
+        return CheckpointError(f"cannot resume {root}: it is not a charrnn run directory (no config.yaml, metrics.jsonl "
+                               "or checkpoints/last.npz in it); start a run with: charrnn train -c CONFIG (or --run-dir NEW_DIR)")
+    if runlog.unused(run):
+        return CheckpointError(f"cannot resume {root}: the run stopped before it saved its first checkpoint, so there "
+                               "is nothing to continue; start it again with the same command (that --run-dir is reused)")
+    return CheckpointError(f"cannot resume {root}: no checkpoints/last.npz there")
+
+
 def resume_config(run_dir: str | Path, sets: list[str] | tuple = ()) -> Config:
     """The config of an existing run with --set overrides of run-length and logging keys only."""
     run = runlog.RunDir(run_dir)
     ck = newest_checkpoint(run)
     if ck is None:
-        if run.root.is_dir() and runlog.unused(run):
-            raise CheckpointError(f"cannot resume {run.root}: the run stopped before it saved its first checkpoint, so "
-                                  "there is nothing to continue; start it again with the same command (that "
-                                  "--run-dir is reused)")
-        raise CheckpointError(f"cannot resume {run.root}: no checkpoints/last.npz there")
+        raise _nothing_to_resume(run)
     old = config.from_dict(ck.meta["config"], str(ck.path))
     new = config.build([("--set", dict(config.parse_set(s) for s in sets))], base=old)
     return check_resume_config(old, new)
@@ -466,7 +501,7 @@ def _resume(cfg: Config, run: runlog.RunDir, data: dataset.Dataset, report: Repo
         runlog.remove_temp_files(run)  # left by writes that a kill interrupted; nobody else writes here (locked)
     ck = newest_checkpoint(run)
     if ck is None:
-        raise CheckpointError(f"cannot resume {run.root}: no checkpoints/last.npz there")
+        raise _nothing_to_resume(run)
     if ck.path != run.last:
         report("warning", {"message": f"resuming from {ck.path.name} (step {ck.meta['step']}), which is newer than last.npz"})
     if ck.meta.get("corpus_sha256") != data.sha256 or _vocab_of(ck.meta) != data.vocab.to_json():

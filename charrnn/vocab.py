@@ -14,6 +14,7 @@ import numpy as np
 from charrnn.errors import DataError
 
 UNK = "\ufffd"
+MAX_SIZE = 0x110000  # every Unicode code point: no vocabulary of distinct characters is larger
 
 
 def id_dtype(size: int):
@@ -36,10 +37,12 @@ class Vocab:
 
     def __init__(self, chars, unk: str | None = None):
         self.chars = tuple(chars)
-        if list(self.chars) != sorted(set(self.chars)) or any(len(c) != 1 for c in self.chars):
+        # types and size first: a vocabulary read from a checkpoint may hold anything
+        if (len(self.chars) > MAX_SIZE or not all(isinstance(c, str) and len(c) == 1 for c in self.chars)
+                or list(self.chars) != sorted(set(self.chars))):
             raise DataError("vocabulary must be distinct single characters in sorted order")
-        if unk is not None and unk not in self.chars:
-            raise DataError(f"unknown symbol {unk!r} is not in the vocabulary")
+        if unk is not None and not (isinstance(unk, str) and unk in self.chars):
+            raise DataError(f"unknown symbol {unk!r:.20} is not in the vocabulary")
         self.unk = unk
         self.unk_id = self.chars.index(unk) if unk is not None else -1
         self.dtype = id_dtype(len(self.chars))
@@ -91,6 +94,10 @@ class Vocab:
 
     @classmethod
     def from_json(cls, doc: dict) -> "Vocab":
+        """The vocabulary of to_json's form. DataError unless vocab is a list (a string or a mapping
+        would turn into characters too) and unk a character of it or null."""
+        if not isinstance(doc["vocab"], list):
+            raise DataError("vocabulary must be a list of distinct single characters in sorted order")
         return cls(doc["vocab"], doc.get("unk"))
 
 

@@ -219,11 +219,14 @@ def test_resume_with_an_unreadable_last_names_the_other_checkpoints(cli_invoke, 
     assert "last.npz: not a valid .npz" in r.stderr and "copy it over" in r.stderr and "best.npz" in r.stderr
 
 
-@pytest.mark.parametrize("change, what", [
-    (dict(step="4"), "step"), (dict(pos=-1), "pos"), (dict(elapsed_s=None), "elapsed_s"),
-    (dict(best_val_loss="low"), "best_val_loss"), (dict(acc=[1]), "acc"), (dict(rng={"state": 1}), "random generator"),
+# fields only --resume reads: the weights stay usable, hence the --init-from hint; fields that every
+# command reads (step, elapsed_s, best_val_loss: runs, diagnose) make the whole file invalid
+@pytest.mark.parametrize("change, what, hint", [
+    (dict(step="4"), "step", "invalid meta"), (dict(pos=-1), "pos", "--init-from"),
+    (dict(elapsed_s=None), "elapsed_s", "invalid meta"), (dict(best_val_loss="low"), "best_val_loss", "invalid meta"),
+    (dict(acc=[1]), "acc", "--init-from"), (dict(rng={"state": 1}), "random generator", "--init-from"),
 ])
-def test_resume_refuses_an_invalid_training_state(cli_invoke, source, tmp_path, change, what):
+def test_resume_refuses_an_invalid_training_state(cli_invoke, source, tmp_path, change, what, hint):
     run = tmp_path / "run"
     shutil.copytree(source, run)
     (run / "checkpoints" / "best.npz").unlink()
@@ -232,6 +235,6 @@ def test_resume_refuses_an_invalid_training_state(cli_invoke, source, tmp_path, 
     before = snapshot(run)
     r = cli_invoke("train", "--resume", run)
     assert r.exit_code == 1, r.output
-    assert len(r.stderr.splitlines()) == 1 and what in r.stderr and "--init-from" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and what in r.stderr and hint in r.stderr, r.stderr
     assert {k: v for k, v in snapshot(run).items() if k.name != ".lock"} == \
         {k: v for k, v in before.items() if k.name != ".lock"}
