@@ -15,6 +15,8 @@ starts, drawn from the trainer's Generator; every window starts from zero edge s
 ids may be memory-mapped (dataset.load): windows are gathered with fancy indexing, which reads
 only the pages they lie on. The evaluation generators release those pages as they go; the
 trainer does the same for training windows (dataset.release_pages never changes a value).
+Every read of windows is preceded by dataset.check_mapped, so a cache file truncated under a
+running process ends it with a DataError instead of SIGBUS.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ def stream_window(ids, N: int, span: int, T: int, pos: int):
     if wrapped:
         pos = 0
     idx = (np.arange(N) * span)[:, None] + pos + np.arange(T + 1)  # (N, T+1)
+    dataset.check_mapped(ids)
     w = np.asarray(ids[idx], dtype=np.intp)  # (N, T+1)
     return w[:, :T], w[:, 1:], pos + T, wrapped
 
@@ -59,6 +62,7 @@ def random_windows(ids, N: int, T: int, rng: np.random.Generator):
         raise DataError(f"the training text has {n} characters but train.seq_len={T} needs at least {T}; "
                         f"lower train.seq_len or use a longer corpus")
     starts = rng.integers(0, n - T + 1, size=N)
+    dataset.check_mapped(ids)
     return np.asarray(ids[starts[:, None] + np.arange(T)], dtype=np.intp)  # (N, T)
 
 
@@ -102,6 +106,7 @@ def eval_stream_windows(ids, T: int):
 
 def _gather_padded(ids, pos: np.ndarray) -> np.ndarray:
     """ids[pos] as intp, with 0 where pos runs past the end of ids."""
+    dataset.check_mapped(ids)
     inside = pos < len(ids)
     return np.where(inside, np.asarray(ids[np.where(inside, pos, 0)], dtype=np.intp), 0)
 
@@ -114,7 +119,9 @@ def eval_cloze_windows(ids, T: int, N: int):
     for k, b in enumerate(range(0, full, N)):
         if k % every == every - 1:
             dataset.release_pages(ids)
+        dataset.check_mapped(ids)
         yield np.asarray(rows[b : b + N], dtype=np.intp)
     if len(ids) % T:
+        dataset.check_mapped(ids)
         yield np.asarray(ids[full * T :], dtype=np.intp)[None, :]
     dataset.release_pages(ids)
