@@ -233,6 +233,8 @@ def sample(target, length, temperature, top_k, top_p, prime, seed, greedy, n, st
 
     if len(mask) != 1:
         raise click.BadParameter("must be exactly one character", param_hint="--mask")
+    knobs = Knobs(temperature, top_k or 0, top_p, greedy)
+    knobs.check()  # before any file is read: NaN, overflowing and underflowing values are refused
     ck = checkpoint.load(target, with_training_state=False)
     vocab = _vocab(ck)
     if (ck.meta.get("objective") == "cloze") != (infill is not None):
@@ -244,11 +246,11 @@ def sample(target, length, temperature, top_k, top_p, prime, seed, greedy, n, st
         seed = int(np.random.SeedSequence().entropy % 2**32)
         if not greedy:  # greedy output does not depend on the seed: printing one would suggest it does
             click.echo(f"seed {seed}", err=True)
-    rng, knobs = np.random.default_rng(seed), Knobs(temperature, top_k or 0, top_p, greedy)
+    rng = np.random.default_rng(seed)
     out = _out()
     if infill is not None:
         _prime_ids_check(infill.replace(mask, ""), vocab, "--infill")
-        text = fill(ck.spec, ck.params, vocab, infill, rng, mask, int(ck.meta["config"]["train"]["seq_len"]), knobs)
+        text = fill(ck.spec, ck.params, vocab, infill, rng, mask, config.from_dict(ck.meta["config"], str(ck.path)).train.seq_len, knobs)
         _print(text, out)
         return
     _prime_ids_check(prime, vocab)

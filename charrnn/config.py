@@ -2,10 +2,12 @@
 
 Precedence: dataclass defaults < config file < `--set section.key=value` on the command line.
 
-YAML is read with `yaml.safe_load` and then every value is coerced to its field's type, because
-PyYAML follows YAML 1.1: `lr: 1e-3` arrives as the *string* "1e-3", `on` as True, `010` as 8.
-Each field carries its own limits in `metadata` (`ge`, `gt`, `le`, `lt`, `choices`), so that
-`validate` is the one place that checks values and every message has the same shape:
+YAML is read with PyYAML's safe loader (refusing a key given twice, which it would silently drop)
+from a regular file of at most MAX_CONFIG_BYTES, and then every value is coerced to its field's
+type, because PyYAML follows YAML 1.1: `lr: 1e-3` arrives as the *string* "1e-3", `on` as True,
+`010` as 8. Each field carries its own limits in `metadata` (`ge`, `gt`, `le`, `lt`, `choices`;
+every number has a lower and an upper one, floats must be finite), so that `validate` is the one
+place that checks values and every message has the same shape:
 
     config error (configs/x.yaml): train.lr = -1: must be > 0
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +27,16 @@ from typing import Any, Union
 import yaml
 
 from charrnn.errors import ConfigError
+
+
+# Upper limits. Every numeric key has both bounds (tests check it), so that a value that would only
+# fail later - an init scale that overflows the weights, a sample length that fills memory - is
+# refused here with the key named. Counts of steps or characters stop at COUNT_MAX, which no run
+# reaches; the learning rate only has to stay finite in float32 (3.4e38): a huge one is a way to
+# make training diverge on purpose, and the trainer's non-finite guard reports that clearly.
+COUNT_MAX = 10**12
+LR_MAX = 1e38
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB of YAML; more is a wrong file (e.g. /dev/zero)
 
 
 def _f(default, why: str, **limits) -> Any:
@@ -36,7 +50,7 @@ class DataConfig:
     val_path: Union[str, None] = _f(None, "a separate validation file; if unset the tail of the corpus is used")
     val_fraction: float = _f(0.1, "share of the corpus (its end) held out for validation when val_path is unset", ge=0.0, lt=1.0)
     encoding: str = _f("utf-8", "text encoding of the corpus files (e.g. latin-1, utf-16)")
-    min_count: int = _f(1, "characters seen fewer times in the training text map to one unknown symbol", ge=1)
+    min_count: int = _f(1, "characters seen fewer times in the training text map to one unknown symbol", ge=1, le=COUNT_MAX)
     cache_dir: Union[str, None] = _f(None, "where encoded corpora are cached; default: the user cache dir")
 
 
@@ -48,43 +62,43 @@ class ModelConfig:
     num_layers: int = _f(1, "L: stacked layers; layer l reads layer l-1's h_t", ge=1, le=64)
     bidirectional: bool = _f(False, "two towers, one per direction: a gap-filling (cloze) model, not a next-char one")
     dropout: float = _f(0.0, "inverted dropout between layers and before the output; off at evaluation", ge=0.0, lt=1.0)
-    init_scale: float = _f(1.0, "multiplies the 1/sqrt(fan_in) init; each W_hh block starts as a scaled orthogonal matrix", gt=0.0)
+    init_scale: float = _f(1.0, "multiplies the 1/sqrt(fan_in) init; each W_hh block starts as a scaled orthogonal matrix", gt=0.0, le=100.0)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = _f(32, "N: parallel streams (left-to-right) or random windows (cloze) per step", ge=1)
-    seq_len: int = _f(64, "T: characters per step, the truncated-BPTT horizon", ge=1)
-    max_steps: int = _f(2000, "optimizer steps; 0 writes the initialized model and stops", ge=0)
+    batch_size: int = _f(32, "N: parallel streams (left-to-right) or random windows (cloze) per step", ge=1, le=10**6)
+    seq_len: int = _f(64, "T: characters per step, the truncated-BPTT horizon", ge=1, le=10**6)
+    max_steps: int = _f(2000, "optimizer steps; 0 writes the initialized model and stops", ge=0, le=COUNT_MAX)
     optimizer: str = _f("adam", "update rule", choices=("sgd", "adagrad", "rmsprop", "adam"))
-    lr: float = _f(2e-3, "peak learning rate", gt=0.0)
+    lr: float = _f(2e-3, "peak learning rate (values far above 1 diverge: the non-finite guard stops or skips)", gt=0.0, le=LR_MAX)
     momentum: float = _f(0.0, "sgd momentum (0 = plain sgd)", ge=0.0, lt=1.0)
     beta1: float = _f(0.9, "adam first-moment decay", ge=0.0, lt=1.0)
     beta2: float = _f(0.999, "adam second-moment decay", ge=0.0, lt=1.0)
     rmsprop_decay: float = _f(0.95, "rmsprop: decay of the running mean of squared gradients (char-rnn uses 0.95)", ge=0.0, lt=1.0)
-    eps: float = _f(1e-8, "added to denominators of adagrad, rmsprop and adam", gt=0.0)
-    weight_decay: float = _f(0.0, "decoupled (AdamW-style) decay of weight matrices, not biases", ge=0.0)
+    eps: float = _f(1e-8, "added to denominators of adagrad, rmsprop and adam", gt=0.0, le=1.0)
+    weight_decay: float = _f(0.0, "decoupled (AdamW-style) decay of weight matrices, not biases", ge=0.0, le=100.0)
     lr_schedule: str = _f("constant", "learning-rate decay after warm-up", choices=("constant", "cosine", "step"))
     lr_min_ratio: float = _f(0.1, "cosine: final lr as a fraction of lr", ge=0.0, le=1.0)
-    decay_every: int = _f(1000, "step schedule: steps between decays", ge=1)
+    decay_every: int = _f(1000, "step schedule: steps between decays", ge=1, le=COUNT_MAX)
     decay_rate: float = _f(0.5, "step schedule: lr multiplier at each decay", gt=0.0, le=1.0)
-    warmup_steps: int = _f(0, "linear warm-up from 0 to lr over this many steps", ge=0)
-    clip_norm: float = _f(5.0, "rescale all gradients so their global L2 norm is at most this; 0 or null: off", ge=0.0, null=0.0)
-    clip_value: float = _f(0.0, "clamp each gradient element to [-v, v] (min-char-rnn style); 0 or null: off", ge=0.0, null=0.0)
+    warmup_steps: int = _f(0, "linear warm-up from 0 to lr over this many steps", ge=0, le=COUNT_MAX)
+    clip_norm: float = _f(5.0, "rescale all gradients so their global L2 norm is at most this; 0 or null: off", ge=0.0, le=1e6, null=0.0)
+    clip_value: float = _f(0.0, "clamp each gradient element to [-v, v] (min-char-rnn style); 0 or null: off", ge=0.0, le=1e6, null=0.0)
     dtype: str = _f("float32", "parameter and activation precision", choices=("float32", "float64"))
-    eval_every: int = _f(500, "steps between validation evaluations (0: only at the end)", ge=0)
-    eval_chars: int = _f(0, "validation characters scored per evaluation (0: all of them)", ge=0)
-    log_every: int = _f(50, "steps between metrics.jsonl lines and plain log lines", ge=1)
-    checkpoint_every: int = _f(1000, "steps between periodic checkpoints (0: only last and best)", ge=0)
-    keep_last: int = _f(3, "periodic checkpoints kept, newest first", ge=0)
-    sample_chars: int = _f(200, "characters sampled at each evaluation (left-to-right models)", ge=0)
+    eval_every: int = _f(500, "steps between validation evaluations (0: only at the end)", ge=0, le=COUNT_MAX)
+    eval_chars: int = _f(0, "validation characters scored per evaluation (0: all of them)", ge=0, le=COUNT_MAX)
+    log_every: int = _f(50, "steps between metrics.jsonl lines and plain log lines", ge=1, le=COUNT_MAX)
+    checkpoint_every: int = _f(1000, "steps between periodic checkpoints (0: only last and best)", ge=0, le=COUNT_MAX)
+    keep_last: int = _f(3, "periodic checkpoints kept, newest first", ge=0, le=10**6)
+    sample_chars: int = _f(200, "characters sampled at each evaluation (left-to-right models)", ge=0, le=10**6)
     on_nonfinite: str = _f("stop", "a NaN/Inf loss or gradient: stop with an error, or skip the batch", choices=("stop", "skip"))
-    max_skips: int = _f(10, "with on_nonfinite=skip: stop after this many skipped batches", ge=0)
+    max_skips: int = _f(10, "with on_nonfinite=skip: stop after this many skipped batches", ge=0, le=COUNT_MAX)
 
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = _f(1337, "one seed for init, dropout, window order and evaluation samples", ge=0)
+    seed: int = _f(1337, "one seed for init, dropout, window order and evaluation samples", ge=0, le=2**63 - 1)
     name: str = _f("run", "run-directory prefix: runs/<name>-<timestamp>/")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -232,15 +246,46 @@ def _flatten(doc: Any, source: str) -> dict[str, Any]:
     return flat
 
 
+def _read_text(path: Path) -> str:
+    """The text of a config file: a regular file of at most MAX_CONFIG_BYTES, as UTF-8.
+
+    Opened non-blocking so that a FIFO is refused instead of waiting for a writer, and read with
+    a cap so that a device (/dev/zero) or a huge file is refused instead of filling memory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ConfigError(f"config error: config file {path} not found") from None
+    except OSError as e:
+        raise ConfigError(f"config error: cannot read config file {path}: {e.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((k for test, k in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                                           (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")) if test(mode)), "a socket")
+            raise ConfigError(f"config error: config file {path} is {kind}, not a regular file; give a YAML file")
+        data = b""
+        while len(data) <= MAX_CONFIG_BYTES:
+            more = os.read(fd, MAX_CONFIG_BYTES + 1 - len(data))
+            if not more:
+                break
+            data += more
+    except OSError as e:
+        raise ConfigError(f"config error: cannot read config file {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config error: config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; "
+                          "a config is a few KB of YAML (is this the right file?)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config error: cannot read config file {path}: {e}") from None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Flattened, not yet coerced key -> value mapping of a YAML config file."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config error: config file {path} not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config error: cannot read config file {path}: {e}") from None
+    text = _read_text(path)
     try:
         doc = _safe_load(text)
     except yaml.YAMLError as e:
@@ -251,12 +296,43 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return _flatten(doc, str(path))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (two `train:` sections, or
+    `lr` twice in one): PyYAML would keep the last one and silently drop the first.
+
+    The check runs in flatten_mapping, which SafeConstructor calls on every mapping before
+    building it, and only on a node's first visit: flattening prepends the keys of `<<` merges
+    to the node, and a merged key that the mapping overrides is not a duplicate."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node):
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            self._refuse_duplicates(node)
+        super().flatten_mapping(node)
+
+    def _refuse_duplicates(self, node) -> None:
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a non-scalar key is refused by SafeConstructor itself ("unhashable key")
+            key = self.construct_object(key_node)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {_describe(key)} (first on line {first_line[key] + 1}): "
+                    "give each key once (merge the two)", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line
+
+
 def _safe_load(text: str) -> Any:
-    """yaml.safe_load, with every failure as a yaml.YAMLError. PyYAML's constructors raise plain
-    ValueError, KeyError or AttributeError for malformed tagged scalars (`!!timestamp x`,
-    `!!bool maybe`, `!!int 0x`) and RecursionError for deeply nested flow collections."""
+    """yaml.safe_load (refusing duplicate keys), with every failure as a yaml.YAMLError. PyYAML's
+    constructors raise plain ValueError, KeyError or AttributeError for malformed tagged scalars
+    (`!!timestamp x`, `!!bool maybe`, `!!int 0x`) and RecursionError for deeply nested flow collections."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError:
         raise
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, RecursionError) as e:
@@ -329,6 +405,11 @@ _LIMITS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
            "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
 
 
+def _allowed(meta) -> str:
+    """A field's numeric limits as text, e.g. '> 0.0 and <= 100.0'."""
+    return " and ".join(f"{sym} {meta[name]}" for name, (sym, _) in _LIMITS.items() if name in meta)
+
+
 def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
     sources = sources or {}
     for key in all_keys():
@@ -338,10 +419,8 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
             continue
         if "choices" in meta and value not in meta["choices"]:
             raise ConfigError(f"config error ({where}): {key} = {_describe(value)}: must be one of {', '.join(meta['choices'])}")
-        rules = [(sym, test, meta[name]) for name, (sym, test) in _LIMITS.items() if name in meta]
-        if any(not test(value, bound) for _, test, bound in rules):
-            allowed = " and ".join(f"{sym} {bound}" for sym, _, bound in rules)
-            raise ConfigError(f"config error ({where}): {key} = {_describe(value)}: must be {allowed}")
+        if any(not test(value, meta[name]) for name, (_, test) in _LIMITS.items() if name in meta):
+            raise ConfigError(f"config error ({where}): {key} = {_describe(value)}: must be {_allowed(meta)}")
     if not cfg.name.strip() or "/" in cfg.name or cfg.name in (".", ".."):
         raise ConfigError(f"config error ({sources.get('name', 'default')}): name = {_describe(cfg.name)}: must be a "
                           "non-empty run-directory prefix without '/' (choose the parent directory with --run-dir)")
@@ -370,5 +449,6 @@ def describe_keys() -> str:
     for key in all_keys():
         f = _field(key)
         default = f.default if f.default is not dataclasses.MISSING else None
-        lines.append(f"{key} = {default!r}\n    {f.metadata.get('why', '')}")
+        allowed = _allowed(f.metadata) or " | ".join(f.metadata.get("choices", ()))
+        lines.append(f"{key} = {default!r}" + (f"  ({allowed})" if allowed else "") + f"\n    {f.metadata.get('why', '')}")
     return "\n".join(lines)

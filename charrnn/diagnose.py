@@ -23,10 +23,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from charrnn import cells, model
-from charrnn.errors import DataError
+from charrnn import cells, dataset, model
+from charrnn.errors import DataError, UsageError
 
 EXACT_SVD_MAX = 1024  # above this H an SVD per evaluation stops being cheap: use power iteration
+PROFILE_BUDGET = 256 << 20  # bytes one batch of windows may hold in the profile's float64 pass
 
 
 # ---- spectral norms ----------------------------------------------------------------------------
@@ -47,11 +48,6 @@ def spectral_norm(W, iters: int = 200) -> float:
         v = W.T @ (W @ v)
         v /= np.linalg.norm(v)
     return float(np.linalg.norm(W @ v))
-
-
-def recurrent_layers(params: dict) -> list[str]:
-    """Names 'layers.{l}.{d}' of every recurrent layer, in parameter order."""
-    return [k[: -len(".W_hh")] for k in params if k.endswith(".W_hh")]
 
 
 def recurrent_layers(spec: model.Spec) -> list[str]:
@@ -168,19 +164,60 @@ class Profile(NamedTuple):
     objective: str  # "next-char" or "cloze"
 
 
-def windows(ids, K: int, T: int, bidirectional: bool):
-    """K windows of T characters at evenly spaced starts over ids (deterministic, no Generator).
-
-    Returns x (K, T) and y (K, T) shifted by one (next-char), or x and None (cloze).
-    """
+def _need(ids, T: int, bidirectional: bool) -> int:
+    """Characters a window takes (T, or T + 1 for the shifted targets), checked against the text."""
     need = T if bidirectional else T + 1
     n = len(ids)
     if n < need:
         raise DataError(f"the text has {n} characters; windows of {T} need at least {need} "
                         f"(lower --length to at most {max(1, n - (0 if bidirectional else 1))})")
-    starts = np.unique(np.linspace(0, n - need, K).round().astype(np.int64))  # (K',) K' <= K
-    w = np.asarray(ids[starts[:, None] + np.arange(need)], dtype=np.intp)  # (K', need)
+    return need
+
+
+def window_count(ids, K: int, T: int, bidirectional: bool) -> int:
+    """How many distinct windows K evenly spaced ones are: min(K, the text's distinct windows)."""
+    return min(K, len(ids) - _need(ids, T, bidirectional) + 1)
+
+
+def window_starts(n: int, K: int, need: int, lo: int = 0, hi: int | None = None):
+    """Starts (hi - lo,) of windows lo..hi-1 of K evenly spaced over n characters, exactly as
+    np.linspace(0, n - need, K).round() places them, without making all K of them.
+
+    For K <= n - need + 1 the starts are distinct (a step of at least 1 between them)."""
+    hi = K if hi is None else hi
+    last = n - need
+    starts = (np.arange(lo, hi, dtype=np.float64) * (last / (K - 1) if K > 1 else 0.0)).round().astype(np.int64)
+    if hi == K and K > 1 and hi > lo:
+        starts[-1] = last  # linspace ends exactly at its stop
+    return starts
+
+
+def _cut(ids, starts, T: int, bidirectional: bool):
+    need = T if bidirectional else T + 1
+    dataset.check_mapped(ids)  # a cache file truncated under us: one line, not SIGBUS
+    w = np.asarray(ids[starts[:, None] + np.arange(need)], dtype=np.intp)  # (k, need)
     return (w, None) if bidirectional else (w[:, :T], w[:, 1:])
+
+
+def windows(ids, K: int, T: int, bidirectional: bool):
+    """K windows of T characters at evenly spaced starts over ids (deterministic, no Generator),
+    or all the text's windows where it has fewer than K distinct ones.
+
+    Returns x (K', T) and y (K', T) shifted by one (next-char), or x and None (cloze).
+    """
+    K = window_count(ids, K, T, bidirectional)
+    return _cut(ids, window_starts(len(ids), K, _need(ids, T, bidirectional)), T, bidirectional)
+
+
+def windows_per_batch(spec: model.Spec, T: int) -> int:
+    """Windows of T characters state_grads runs at once within PROFILE_BUDGET; a UsageError naming
+    the longest window that fits when not even one does."""
+    per_window = (T + 1) * model.position_bytes(spec)
+    if per_window > PROFILE_BUDGET:
+        longest = PROFILE_BUDGET // model.position_bytes(spec) - 1
+        raise UsageError(f"--length {T}: at most {longest:,} characters per window for this model (each position "
+                         f"holds about {model.position_bytes(spec) / 1024:,.1f} KiB; {PROFILE_BUDGET >> 20} MiB per batch)")
+    return PROFILE_BUDGET // per_window
 
 
 def fit_line(norms) -> tuple[float, float]:
@@ -204,13 +241,37 @@ def fit_factor(norms) -> float:
 
 
 def profile(spec: model.Spec, params: dict, ids, K: int, T: int) -> Profile:
-    """Gradient-flow profile of a model on K windows of T characters from ids."""
-    x, y = windows(ids, K, T, spec.bidirectional)
+    """Gradient-flow profile of a model on K windows of T characters from ids.
+
+    K is capped at the text's distinct windows (more would repeat them), and the windows run in
+    batches of windows_per_batch, so memory stays bounded whatever K is; the norms' sums are
+    exact across batches, the carry statistics are averaged over batches weighted by windows
+    (exact for means and fractions; rms and geometric means are a batch-weighted mean of them).
+    """
+    if K < 1 or T < 1:
+        raise UsageError(f"--windows {K} and --length {T}: both must be at least 1")
+    K = window_count(ids, K, T, spec.bidirectional)
+    need, batch = _need(ids, T, spec.bidirectional), windows_per_batch(spec, T)
+    params = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}  # once, not per batch
+    sums, stats = {}, {}
+    for lo in range(0, K, batch):
+        starts = window_starts(len(ids), K, need, lo, min(K, lo + batch))
+        x, y = _cut(ids, starts, T, spec.bidirectional)
+        for name, (norms, st) in gradient_flow(spec, params, x, y).items():
+            sums[name] = sums[name] + norms.sum(axis=1) if name in sums else norms.sum(axis=1)  # (S+1,)
+            stats.setdefault(name, []).append((len(starts), st))
     layers = {}
-    for name, (norms, stats) in gradient_flow(spec, params, x, y).items():
-        mean = norms.mean(axis=1)  # (S+1,) mean over windows
-        layers[name] = LayerFlow(mean, fit_factor(mean), layer_spectra(spec, params, name), stats)
-    return Profile(spec.cell, layers, len(x), T, spec.objective)
+    for name, total in sums.items():
+        mean = total / K  # (S+1,) mean over windows
+        layers[name] = LayerFlow(mean, fit_factor(mean), layer_spectra(spec, params, name), _pool(stats[name], K))
+    return Profile(spec.cell, layers, K, T, spec.objective)
+
+
+def _pool(parts: list, K: int) -> dict:
+    """Per-batch carry statistics [(windows, {label: value})] as one {label: value}, weighted by windows."""
+    if len(parts) == 1:
+        return parts[0][1]
+    return {label: sum(w * st[label] for w, st in parts) / K for label in parts[0][1]}
 
 
 def _finite_or_none(v):

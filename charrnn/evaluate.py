@@ -17,8 +17,13 @@ import numpy as np
 
 from charrnn import batches, corpus, heap, ops
 from charrnn.errors import DataError, NumericalError
-from charrnn.model import Spec, forward, targets
+from charrnn.model import Spec, forward, position_bytes, targets
 from charrnn.vocab import Vocab
+
+
+# Bytes of activations one batch of evaluation windows may hold. Training's own windows
+# (batch_size x seq_len) usually fit far below it, so their numbers do not change.
+EVAL_BUDGET = 256 << 20
 
 
 class EvalResult(NamedTuple):
@@ -34,15 +39,25 @@ class EvalResult(NamedTuple):
 
 
 def score(spec: Spec, params: dict, ids, seq_len: int, batch: int = 32) -> tuple[float, int]:
-    """(sum of -log p over scored characters in float64, number scored)."""
+    """(sum of -log p over scored characters in float64, number scored).
+
+    Windows are sized to hold at most EVAL_BUDGET bytes of activations, whatever seq_len a
+    checkpoint's meta gives: a next-char model's windows are shortened (the state is carried, so
+    the score is the same up to rounding), a cloze model's batches hold fewer windows (its
+    windows are its objective and keep their length).
+    """
     total, count = 0.0, 0
+    per_position = position_bytes(spec)
     if spec.bidirectional:
+        batch = max(1, min(batch, EVAL_BUDGET // (seq_len * per_position)))
         for x in batches.eval_cloze_windows(ids, seq_len, batch):
             logits, _, _ = forward(spec, params, x)
             total += ops.cross_entropy_sum(logits, targets(x))
             count += x.size
         return total, count
     h = None
+    streams = batches.eval_streams(len(ids))[0]
+    seq_len = max(1, min(seq_len, EVAL_BUDGET // (streams * per_position)))
     for x, y, valid in batches.eval_stream_windows(ids, seq_len):
         logits, h, _ = forward(spec, params, x, h)
         rows = targets(valid)  # (Tw*B,) time-major like the logits

@@ -82,6 +82,14 @@ def param_shapes(spec: Spec) -> dict[str, tuple]:
     return shapes
 
 
+def position_bytes(spec: Spec) -> int:
+    """An upper estimate of the bytes one window position holds in a float64 forward and backward
+    (caches, kept gradients, logits): what eval and diagnose size their batches by. Fitted with
+    room over the three cells' measured peaks."""
+    G, dirs = len(spec.unit.gates), len(spec.dirs)
+    return 8 * (spec.L * dirs * (2 + 4 * G) * spec.H + 3 * dirs * spec.V)
+
+
 def param_names(spec: Spec) -> list[str]:
     """Parameter names in their fixed order."""
     return list(param_shapes(spec))

@@ -2,27 +2,94 @@
 
 Sampling draws one uniform number per character and stream and inverts the cumulative
 distribution (no rng.choice per character, which is slow and re-normalizes). The same
-Generator state therefore gives the same text. The unknown symbol is never emitted.
+Generator state therefore gives the same text. The unknown symbol is never emitted: it has
+probability 0, and a distribution that is not finite or has no mass left outside it is an
+error (pick), whatever the knobs or weights.
+
+Memory is bounded whatever the options: the knobs are checked before anything runs
+(Knobs.check), the prime is read in chunks of PRIME_CHUNK characters by one stream, uniforms are
+drawn in blocks of at most UNIFORM_MAX numbers, and a batch of n streams whose working set
+would pass STREAMS_BUDGET bytes is refused up front with its limit (check_streams).
 """
 from __future__ import annotations
 
+import math
 from typing import Iterator, NamedTuple
 
 import numpy as np
 
 from charrnn import ops
-from charrnn.errors import UsageError
-from charrnn.model import Spec, forward, layer_params, zero_state
+from charrnn.errors import NumericalError, UsageError
+from charrnn.model import Spec, forward, layer_params, tower_forward, zero_state
 from charrnn.vocab import Vocab
 
-UNIFORM_BLOCK = 1024  # uniforms drawn per Generator call (per stream)
+UNIFORM_BLOCK = 1024  # steps of uniforms drawn per Generator call, while n * UNIFORM_BLOCK <= UNIFORM_MAX
+UNIFORM_MAX = 1 << 20  # uniforms held at once (8 MiB): more streams draw fewer steps per call
+PRIME_CHUNK = 4096  # prime characters per forward call: bounds the caches that call keeps
+STREAMS_BUDGET = 512 << 20  # bytes a batch of streams may hold (state, logits, the text kept)
+HELD_CHAR_BYTES = 16  # per character of a batch kept for printing: a list slot, the joined and encoded text
+
+# Temperature: 1/T scales the output weights in the model's dtype (float32: max 3.4e38), so a tiny
+# T overflows them (1e-45 is a float32 denormal: 1/T is inf) and NaN spreads to every logit.
+# Outside [1e-3, 1e3] nothing is gained anyway: at T = 1e-3 a gap of 0.1 nats between the two
+# likeliest characters is odds of e^100 (greedy in all but exact ties), and at T = 1e3 gaps of
+# 10 nats shrink to 0.01 (uniform over the allowed characters). Logits stay finite there for any
+# weights below 3e35, far beyond what training produces.
+TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-3, 1e3
+# top-p: any value below 1/V keeps the likeliest character alone (V <= 1.1M code points); the
+# minimum keeps top_p * (total mass >= 1) far from float32's underflow at 1e-38.
+TOP_P_MIN = 1e-12
 
 
 class Knobs(NamedTuple):
-    temperature: float = 1.0  # > 0; divides the logits
+    temperature: float = 1.0  # in [TEMPERATURE_MIN, TEMPERATURE_MAX]; divides the logits
     top_k: int = 0  # keep the k most likely characters (0: all)
-    top_p: float = 1.0  # keep the smallest set with this much probability (1: all)
+    top_p: float = 1.0  # in [TOP_P_MIN, 1]: keep the smallest set with this much probability (1: all)
     greedy: bool = False  # always the most likely character (ignores the rest)
+
+    def check(self) -> "Knobs":
+        """self, or a UsageError naming the option whose value is out of range (NaN included)."""
+        t, p = self.temperature, self.top_p
+        if not (isinstance(t, (int, float, np.floating)) and TEMPERATURE_MIN <= t <= TEMPERATURE_MAX):
+            raise UsageError(f"--temperature {t}: must be a number from {TEMPERATURE_MIN:g} to {TEMPERATURE_MAX:g} "
+                             "(for a temperature near 0, use --greedy)")
+        if not (isinstance(p, (int, float, np.floating)) and TOP_P_MIN <= p <= 1):
+            raise UsageError(f"--top-p {p}: must be a number from {TOP_P_MIN:g} to 1 "
+                             "(for a top-p near 0, use --greedy)")
+        k = self.top_k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise UsageError(f"--top-k {k}: must be a whole number >= 1 (0 in the library: no limit)")
+        return self
+
+
+def stream_bytes(spec: Spec, itemsize: int, length: int = 0) -> int:
+    """Bytes one stream of a batch holds while generating: two copies of its state per layer,
+    each layer's product, the logits and pick's (V,) temporaries, and `length` kept characters."""
+    G = len(spec.unit.gates)
+    work = 2 * spec.L * spec.state_size + (spec.L + 2) * G * spec.H + 12 * spec.V
+    return itemsize * work + 8 * spec.V + 128 + HELD_CHAR_BYTES * length
+
+
+def max_streams(spec: Spec, itemsize: int, length: int = 0) -> int:
+    """The most streams generated at once within STREAMS_BUDGET (at least 1)."""
+    return max(1, STREAMS_BUDGET // stream_bytes(spec, itemsize, length))
+
+
+def check_streams(spec: Spec, itemsize: int, n: int, length: int = 0) -> None:
+    """A UsageError naming the limit when n streams (keeping `length` characters each) would hold
+    more than STREAMS_BUDGET bytes: refused up front, never a MemoryError halfway."""
+    limit = max_streams(spec, itemsize, length)
+    if n > limit:
+        per = stream_bytes(spec, itemsize, length)
+        raise UsageError(f"-n {n}: at most {limit:,} samples of --length {length:,} from this model at once "
+                         f"(each holds about {per / 1024:,.1f} KiB, {STREAMS_BUDGET >> 20} MiB in all); "
+                         "run several commands with different --seed values")
+
+
+def _unusable() -> NumericalError:
+    """The model's next-character distribution is not finite, or has no mass outside the banned symbol."""
+    return NumericalError("the model's next-character distribution is not finite (overflowing weights?) or puts all "
+                         "its mass on the unknown symbol; nothing was emitted: check the checkpoint with charrnn eval")
 
 
 def pick(logits, u, knobs: Knobs):
@@ -30,11 +97,18 @@ def pick(logits, u, knobs: Knobs):
 
     Inverse CDF: the first index whose cumulative probability exceeds u * total. Characters a
     filter removed have zero probability, so the cumulative sum does not rise at them and
-    they are never chosen. Logits may hold -inf (a banned character).
+    they are never chosen. Logits may hold -inf (a banned character, which is never drawn); a row
+    whose maximum is not finite (a NaN, an overflow, or nothing but banned characters) raises.
     """
     if knobs.greedy:
-        return logits.argmax(axis=1)
-    p = logits - logits.max(axis=1, keepdims=True)  # (n, V): exp stays <= 1
+        idx = logits.argmax(axis=1)  # the first NaN of a row with one; a banned -inf only if all are
+        if not _all_finite(logits[0, idx[0]] if len(idx) == 1 else logits[np.arange(len(idx)), idx]):
+            raise _unusable()
+        return idx
+    top = logits.max(axis=1, keepdims=True)  # (n, 1): NaN for a row holding one
+    if not _all_finite(top):  # checked first, so no NaN arithmetic (and no warning) follows
+        raise _unusable()
+    p = logits - top  # (n, V): exp stays <= 1, and the max gives exp(0) = 1
     np.exp(p, out=p)
     V = p.shape[1]
     if 0 < knobs.top_k < V:
@@ -44,13 +118,35 @@ def pick(logits, u, knobs: Knobs):
         order = np.argsort(-p, axis=1)  # (n, V) most likely first
         sp = np.take_along_axis(p, order, axis=1)
         before = np.cumsum(sp, axis=1) - sp  # mass of the more likely characters
-        sp[before >= knobs.top_p * sp.sum(axis=1, keepdims=True)] = 0  # the top one always stays
+        keep = knobs.top_p * sp.sum(axis=1, keepdims=True)  # > 0 for checked knobs: the top one always stays
+        if not (keep > 0).all():
+            raise _unusable()
+        sp[before >= keep] = 0
         np.put_along_axis(p, order, sp, axis=1)
-    cdf = np.cumsum(p, axis=1)  # (n, V)
+    cdf = np.cumsum(p, axis=1)  # (n, V), each row's total >= 1
     if len(cdf) == 1:  # one stream: a binary search is cheaper than comparing the whole row
-        return np.minimum(cdf[0].searchsorted(u[0] * cdf[0, -1], side="right"), V - 1)[None]
+        i = int(cdf[0].searchsorted(u[0] * cdf[0, -1], side="right"))
+        return np.array([i if i < V else _last_kept(p[0])])
     idx = (cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1)  # count of entries <= the target
-    return np.minimum(idx, V - 1)
+    over = idx >= V  # u * total < total for u < 1, so only a caller's u >= 1 gets here:
+    if over.any():  # the last character with any mass, never a banned or filtered one
+        idx[over] = [_last_kept(row) for row in p[over]]
+    return idx
+
+
+def _all_finite(a) -> bool:
+    """Whether every value of a (a scalar or an array) is finite; plain float tests for a single
+    value, which is the one-stream case and cheaper than a numpy call per character."""
+    if not isinstance(a, np.ndarray):
+        return math.isfinite(a)
+    if a.size == 1:
+        return math.isfinite(a.item())
+    return bool(np.isfinite(a).all())
+
+
+def _last_kept(p_row) -> int:
+    """Index of the last entry of p_row (V,) with probability above 0."""
+    return int(len(p_row) - 1 - (p_row[::-1] > 0).argmax())
 
 
 class _Net(NamedTuple):
@@ -106,38 +202,55 @@ def _step(net: _Net, c, s: list, spare: list, z):
 
 def generate_ids(spec: Spec, params: dict, vocab: Vocab, length: int, rng: np.random.Generator, n: int = 1,
                  prime: str = "", knobs: Knobs = Knobs()) -> Iterator[np.ndarray]:
-    """Yield, for each of `length` steps, the ids (n,) of the next character of each stream.
+    """An iterator over `length` steps, each the ids (n,) of the next character of each stream.
 
     The prime text (default: a newline, or the first vocabulary character) is read first; its
-    characters must be in the vocabulary or map to the unknown symbol.
+    characters must be in the vocabulary or map to the unknown symbol. The request is checked
+    here, before anything runs: a cloze model, knobs out of range, or more streams than
+    STREAMS_BUDGET allows (counting the characters a caller keeps when n > 1) raise UsageError.
     """
     if spec.bidirectional:
         raise UsageError("this is a bidirectional (cloze) checkpoint: it fills gaps and cannot generate left to right; "
                          "use --infill TEMPLATE (e.g. --infill 'to be or __ to be')")
+    knobs.check()
+    check_streams(spec, params["out.W_ho"].dtype.itemsize, n, length if n > 1 else 0)
+    return _generate_ids(spec, params, vocab, length, rng, n, prime, knobs)
+
+
+def _generate_ids(spec: Spec, params: dict, vocab: Vocab, length: int, rng: np.random.Generator, n: int,
+                  prime: str, knobs: Knobs) -> Iterator[np.ndarray]:
     start = prime or ("\n" if "\n" in vocab.chars else vocab.chars[0])
-    ids = np.tile(vocab.encode(start, on_unknown="unk").astype(np.intp), (n, 1))  # (n, P)
-    if ids.shape[1] > 1:  # the prime minus its last character, in one batched forward pass
-        _, s0, _ = forward(spec, params, ids[:, :-1])
-        s = [np.array(a) for a in s0["fwd"]]
-    else:
-        s = zero_state(spec, n, params["out.W_ho"].dtype)["fwd"]
+    ids = vocab.encode(start, on_unknown="unk").astype(np.intp)  # (P,)
+    s = prime_state(spec, params, ids[:-1], n)
     net, spare = _prepare(spec, params, knobs.temperature, vocab.unk_id, n), [a.copy() for a in s]
     z = ops.times(net.top, s[-1][:, :spec.H])  # the top's recurrent term for step 1
-    c = ids[:, -1]
+    c = np.full(n, ids[-1], dtype=np.intp)
+    # the uniforms of step i are row i of one (length, n) draw whatever the rows per call, so
+    # bounding the block for many streams changes no text; UNIFORM_BLOCK rows while that fits
+    rows = max(1, min(UNIFORM_BLOCK, UNIFORM_MAX // n))
     for i in range(length):
-        if i % UNIFORM_BLOCK == 0:
-            uniforms = rng.random((UNIFORM_BLOCK, n))
+        if i % rows == 0:
+            uniforms = rng.random((rows, n))
         logits, z = _step(net, c, s, spare, z)
-        c = pick(logits, uniforms[i % UNIFORM_BLOCK], knobs)
+        c = pick(logits, uniforms[i % rows], knobs)
         yield c
+
+
+def prime_state(spec: Spec, params: dict, ids, n: int) -> list:
+    """The forward tower's state [(n, k*H)] * L after reading ids (P,), the same for each of n
+    streams: read once by one stream, PRIME_CHUNK characters per call carrying the state (each
+    call's caches are dropped with it), then repeated n times. Memory: O(PRIME_CHUNK + n), not O(n P)."""
+    s = zero_state(spec, 1, params["out.W_ho"].dtype)["fwd"]
+    for a in range(0, len(ids), PRIME_CHUNK):
+        _, s, _ = tower_forward(spec, params, "fwd", ids[a:a + PRIME_CHUNK, None], s, None)  # ids (S, 1) time-major
+    return [np.repeat(layer, n, axis=0) for layer in s]
 
 
 def generate(spec: Spec, params: dict, vocab: Vocab, length: int, rng: np.random.Generator, n: int = 1,
              prime: str = "", knobs: Knobs = Knobs()) -> Iterator[list]:
     """generate_ids as characters: for each step, the list of n new characters."""
     chars = vocab.chars
-    for c in generate_ids(spec, params, vocab, length, rng, n, prime, knobs):
-        yield [chars[j] for j in c.tolist()]
+    return ([chars[j] for j in c.tolist()] for c in generate_ids(spec, params, vocab, length, rng, n, prime, knobs))
 
 
 def sample_text(spec: Spec, params: dict, vocab: Vocab, length: int, rng: np.random.Generator, prime: str = "",
@@ -164,6 +277,7 @@ def infill(spec: Spec, params: dict, vocab: Vocab, template: str, rng: np.random
     """
     if not spec.bidirectional:
         raise UsageError("--infill needs a bidirectional (cloze) checkpoint; this one is a next-char model")
+    knobs.check()
     gaps = [i for i, ch in enumerate(template) if ch == mask]
     ids = vocab.encode(template.replace(mask, " " if " " in vocab.chars else vocab.chars[0]),
                        on_unknown="unk").astype(np.intp)

@@ -116,3 +116,27 @@ def test_a_text_of_only_unknown_characters_says_so(cli_invoke, run, write_text):
     r = cli_invoke("eval", run, "--corpus", write_text("ÄÖÜß" * 30, "german.txt"))
     assert r.exit_code == 1
     assert "none of the" in one_error_line(r) and "vocabulary" in one_error_line(r)
+
+
+def test_a_huge_seq_len_in_meta_does_not_decide_evals_memory(tmp_path, run):
+    """A meta's train.seq_len of 10**6 once made eval hold windows of 32 x 45,000 positions
+    (4 GB for a 3 MB text); windows are now sized by a memory budget, with the same score."""
+    import subprocess
+    import sys
+
+    # the child reports its own peak RSS at exit (KiB on Linux), whatever ran before it
+    report = ("import atexit, resource, sys; atexit.register(lambda: sys.stderr.write("
+              "'PEAK %d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); "
+              "from charrnn.cli import main; sys.argv[0] = 'charrnn'; main()")
+    text = tmp_path / "big.txt"
+    text.write_text(WORDS * 700, encoding="utf-8")  # about 1.4 MB
+    scores, peaks = {}, {}
+    for seq_len in (16, 10**6):
+        ck = rewrite(run / "checkpoints" / "last.npz", tmp_path / f"seq{seq_len}.npz", {"train": {"seq_len": seq_len}})
+        r = subprocess.run([sys.executable, "-c", report, "eval", str(ck), "--corpus", str(text), "--json"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        scores[seq_len], peaks[seq_len] = json.loads(r.stdout), int(r.stderr.split("PEAK")[-1]) / 1024
+    assert peaks[10**6] < 400, peaks
+    assert scores[10**6]["chars"] == scores[16]["chars"]
+    assert scores[10**6]["loss"] == pytest.approx(scores[16]["loss"], rel=1e-6)  # float32 model
