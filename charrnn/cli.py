@@ -364,6 +364,9 @@ def eval_(target, corpus, split, as_json):
             raise UsageError("the run has no validation text (data.val_fraction = 0); use --split train or --corpus FILE")
         unk_rate = float(np.mean(ids == vocab.unk_id)) if vocab.unk is not None and len(ids) else 0.0
     res = evaluate.evaluate_ids(ck.spec, ck.params, ids, cfg.train.seq_len, unk_rate)
+    if unk_rate == 1.0:
+        click.echo("warning: every character of the text is outside the model's vocabulary (unk_rate 100%): "
+                   "the score says nothing about the text; is it in the script the model was trained on?", err=True)
     if as_json:
         _print(json.dumps(res.as_dict()), out)
         return

@@ -112,10 +112,15 @@ def test_a_non_finite_score_is_an_error_and_never_invalid_json(cli_invoke, tmp_p
     assert r.stdout == ""
 
 
-def test_a_text_of_only_unknown_characters_says_so(cli_invoke, run, write_text):
-    r = cli_invoke("eval", run, "--corpus", write_text("ÄÖÜß" * 30, "german.txt"))
+def test_a_text_of_only_unknown_characters_says_so(cli_invoke, run, shared_run, write_text):
+    german = write_text("ÄÖÜß" * 30, "german.txt")
+    r = cli_invoke("eval", run, "--corpus", german)  # no unknown symbol: nothing is left to score
     assert r.exit_code == 1
     assert "none of the" in one_error_line(r) and "vocabulary" in one_error_line(r)
+    with_unk = shared_run(WORDS + "§")  # '§' only in the validation tail: the vocabulary gets an unknown symbol
+    r = cli_invoke("eval", with_unk, "--corpus", german, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["unk_rate"] == 1.0
+    assert r.stderr.startswith("warning: every character of the text is outside the model's vocabulary")
 
 
 def test_a_huge_seq_len_in_meta_does_not_decide_evals_memory(tmp_path, run):
