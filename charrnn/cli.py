@@ -28,7 +28,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def _fail(e: CharRNNError) -> None:
-    click.echo(f"error: {e}", err=True)
+    click.echo(f"error: {e.render('cli')}", err=True)
     sys.exit(e.exit_code)
 
 
