@@ -1,12 +1,12 @@
 """`charrnn bench`: how fast does a config train and sample on this machine, and how close to the
 machine's own matrix-product rate does training get?
 
-Training is timed with the trainer's own step (train.train_step: window, forward, backward,
-clipping, update) after a warm-up, on the config's corpus or on synthetic ids with a given
-vocabulary size (content does not change speed). The matrix-product rate is measured here with
-a GEMM of the model's own shape, (N*T, H) x (H, H), so `gemm_fraction` says how much of the
-machine's attainable rate the whole training step reaches; the rest is memory-bound work
-(tanh, softmax, the optimizer) and Python overhead.
+Training is timed with the trainer's own step (trainer.Trainer.step, the step train.train takes:
+window, forward, backward, clipping, update) after a warm-up, on the config's corpus or on
+synthetic ids with a given vocabulary size (content does not change speed). The matrix-product
+rate is measured here with a GEMM of the model's own shape, (N*T, H) x (H, H), so `gemm_fraction`
+says how much of the machine's attainable rate the whole training step reaches; the rest is
+memory-bound work (tanh, softmax, the optimizer) and Python overhead.
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from charrnn import dataset, heap, model, runlog, train
+from charrnn import dataset, heap, model
 from charrnn.config import Config
 from charrnn.sample import Knobs, generate
+from charrnn.trainer import Trainer, build_trainer
 from charrnn.vocab import Vocab
 
 
@@ -57,17 +58,17 @@ def gemm_rate(M: int, H: int, dtype, seconds: float = 1.0) -> float:
     return 2 * M * H * H / statistics.median(times)
 
 
-def _time_training(ctx, state, steps: int, warmup: int, seconds: float = 0.0) -> list[float]:
+def _time_training(timed: Trainer, steps: int, warmup: int, seconds: float = 0.0) -> list[float]:
     """Per-step times of at least `steps` steps and `seconds` seconds, after `warmup` steps.
 
     A time floor lets a comparison time both sides over equally long stretches: this machine's
     speed drifts over seconds, and a short run lands in one state where a long one averages."""
     for _ in range(warmup):
-        train.train_step(ctx, state)
+        timed.step()
     times, start = [], time.perf_counter()
     while len(times) < steps or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
-        train.train_step(ctx, state)
+        timed.step()
         times.append(time.perf_counter() - t0)
     return times
 
@@ -87,13 +88,14 @@ def run(cfg: Config, steps: int = 30, warmup: int = 5, vocab_size: int | None = 
     """Benchmark a config; returns one flat dict of results (see the module docstring)."""
     heap.keep_freed_memory()  # as train.train does, so the bench times what training runs
     data = synthetic_data(vocab_size) if vocab_size else dataset.load(cfg.data)
-    cfg, ctx = train._context(cfg, data, runlog.RunDir("/nonexistent"), lambda kind, record: None)
-    state = train._fresh_state(ctx)
-    times = _time_training(ctx, state, steps, warmup, seconds)
+    timed = build_trainer(cfg, data)
+    ctx, state, cfg = timed.ctx, timed.state, timed.ctx.cfg
+    times = _time_training(timed, steps, warmup, seconds)
     N, T = ctx.N, cfg.train.seq_len
     med = statistics.median(times)
     rate = gemm_rate(N * T, ctx.spec.H, ctx.dtype)
-    result = {"config": {"cell": ctx.spec.cell, "hidden_size": ctx.spec.H, "num_layers": ctx.spec.L, "bidirectional": ctx.spec.bidirectional,
+    result = {"config": {"cell": ctx.spec.cell, "hidden_size": ctx.spec.H, "num_layers": ctx.spec.L,
+                         "bidirectional": ctx.spec.bidirectional,
                          "vocab": ctx.spec.V, "batch_size": N, "seq_len": T, "optimizer": cfg.train.optimizer,
                          "dtype": cfg.train.dtype},
               "steps_timed": len(times), "train_chars_per_sec": N * T / med,
@@ -102,7 +104,8 @@ def run(cfg: Config, steps: int = 30, warmup: int = 5, vocab_size: int | None = 
               "gemm_fraction": step_flops(ctx.spec, N, T) / med / rate}
     if not ctx.spec.bidirectional:
         result["sample_chars_per_sec"] = _time_sampling(ctx.spec, state.params, data.vocab, sample_chars, 1)
-        result[f"sample_{streams}_streams_chars_per_sec"] = _time_sampling(ctx.spec, state.params, data.vocab, sample_chars // 4, streams)
+        result[f"sample_{streams}_streams_chars_per_sec"] = _time_sampling(ctx.spec, state.params, data.vocab,
+                                                                         sample_chars // 4, streams)
     else:
         result["sample_chars_per_sec"] = None  # cloze models fill gaps; they do not sample left to right
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -10,6 +10,8 @@ import sys
 import click
 from tqdm import tqdm
 
+from charrnn import errors
+
 
 def _fmt(x, spec=".4f") -> str:
     return "-" if x is None else format(x, spec)
@@ -50,7 +52,7 @@ class Reporter:
                             unit="step", desc="train")
 
     def on_warning(self, r):
-        self.echo(f"warning: {r['message']}")
+        self.echo(f"warning: {errors.render(r['message'], 'cli')}")  # advice in command-line terms
 
     def on_step0(self, r):
         self.echo(f"step 0 loss {r['loss']:.4f} (ln V = {r['ln_v']:.4f}, the loss of a uniform guess)")
@@ -78,7 +80,8 @@ class Reporter:
         pass  # samples are written to the run's samples/ directory
 
     def summary(self, s) -> None:
-        best = (f"best val loss {s.best_val_loss:.4f} nats/char ({s.best_val_loss / math.log(2):.4f} bits/char) at step {s.best_step}"
+        best = (f"best val loss {s.best_val_loss:.4f} nats/char ({s.best_val_loss / math.log(2):.4f} bits/char) "
+                f"at step {s.best_step}"
                 if s.best_val_loss is not None else "no validation")
         self.echo(f"done: {s.steps} steps, {s.chars_seen:,} characters in {s.elapsed_s:.0f}s "
                   f"({s.chars_per_sec:,.0f} chars/s this session); {best} [{s.objective}]")

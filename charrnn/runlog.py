@@ -6,7 +6,7 @@
         checkpoints/         last.npz, best.npz, step-<n>.npz (the newest train.keep_last)
         samples/             step-<n>.txt, text sampled at each evaluation
         .lock                held (flock) by the process training in this directory
-        failed.txt           the error that stopped training, if one did (removed on --resume)
+        failed.txt           the error that stopped training, if one did (removed on resume)
 
 Every file here is written, appended, locked and read through atomic.py, which never follows a
 link or blocks on a FIFO; lock() and create() also refuse a directory in which one of the names
@@ -23,12 +23,13 @@ import os
 import re
 import stat
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 from charrnn import atomic
-from charrnn.errors import CharRNNError, RunDirError, UsageError
+from charrnn.errors import CharRNNError, RunDirError, UsageError, option
 
 PERIODIC = re.compile(r"^step-(\d+)\.npz$")
 CONFIG_MAX_BYTES = 1 << 20  # a resolved config is a few KB; more is not one charrnn wrote
@@ -106,11 +107,11 @@ def remove_temp_files(run: RunDir) -> None:
 
 
 def create(run: RunDir) -> None:
-    """Make a new run directory; an existing one that holds a run is never reused without --resume."""
+    """Make a new run directory; an existing one that holds a run is only ever resumed, not reused."""
     check_entries(run)
     if run.root.exists() and (not run.root.is_dir() or not unused(run)):
-        raise UsageError(f"run directory {run.root} already exists; continue it with --resume {run.root} "
-                         "or choose another --run-dir")
+        raise UsageError(f"run directory {run.root} already exists; continue it with {option('resume', run.root)} "
+                         f"or choose another {option('run_dir')}")
     try:
         for d in (run.root, run.checkpoints, run.samples):
             d.mkdir(parents=True, exist_ok=True)
@@ -153,12 +154,52 @@ def unlock(run: RunDir) -> None:
         run._lock_fd = None
 
 
+# ---- the lifecycle of a training process in its run directory -------------------------------------
+
+def continue_with(run: RunDir) -> str:
+    """The advice that ends a message about a run whose last checkpoint is intact."""
+    return f"continue with {option('resume', run.root)}"
+
+
+@contextmanager
+def writing(path: Path, again: str = "run the same command again"):
+    """OSError while writing a run's files -> a one-line RunDirError naming the file and the fix."""
+    try:
+        yield
+    except OSError as e:
+        raise RunDirError(f"cannot write {path}: {e.strerror or e}; free some space (or fix the permissions) "
+                          f"and {again}") from None
+
+
+def start_new(run: RunDir) -> None:
+    """Create the directory of a new run and hold its lock (until unlock). Temporary files of a
+    start that was killed in this (unused) directory are removed."""
+    if run.lock_file.exists():
+        lock(run)  # "in use by another process" is the better message than "already exists"
+    create(run)
+    if run._lock_fd is None:
+        lock(run)
+    with writing(run.root):
+        remove_temp_files(run)
+
+
+def start_again(run: RunDir) -> None:
+    """Hold the lock of an existing run (until unlock) and clear what its last process left:
+    failed.txt, and temporary files of writes that a kill interrupted (nobody else writes here)."""
+    lock(run)
+    with writing(run.root, continue_with(run)):
+        clear_failed(run)
+        remove_temp_files(run)
+
+
 def mark_failed(run: RunDir, error: BaseException) -> None:
     """Record why training stopped with an error (for `charrnn runs`), in a run this process holds."""
     if run._lock_fd is None:
         return  # not our run (e.g. it was locked by another process): leave it alone
     try:
-        write_text(run.failed, f"{type(error).__name__}: {error}\n")
+        # spelled for the command line: `charrnn runs` is what shows it
+        text = error.render("cli") if isinstance(error, CharRNNError) else str(error)
+        write_text(run.failed, f"{type(error).__name__}: {text}\n")
     except (OSError, CharRNNError):
         pass  # never hide the error being reported behind a second one
 

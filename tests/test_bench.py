@@ -28,7 +28,7 @@ def test_json_has_the_documented_numbers(cli_invoke, write_text, tiny):
 
 
 def test_a_time_floor_times_more_steps_than_the_minimum(cli_invoke, write_text, tiny):
-    # a 16-unit step takes about a millisecond: half a second holds far more than 3 of them
+    # a 16-unit step is tiny: half a second holds far more than 3 of them (benchmarks/README.md)
     r = json.loads(bench(cli_invoke, write_text, tiny, "--seconds", "0.5", "--json").stdout)
     assert r["steps_timed"] > 3
 

@@ -69,7 +69,7 @@ def test_disk_fault_while_writing_a_checkpoint(cli_invoke, faults, monkeypatch, 
     assert disk.failed == 1 and r.exit_code == 1, r.output
     line = one_error_line(r)
     assert f"cannot write checkpoint {run / 'checkpoints' / target}: {problem}" in line
-    assert f"{target} was not changed" in line and f"charrnn train --resume {run}" in line
+    assert f"{target} was not changed" in line and f"--resume {run}" in line
     assert faults.temp_files(run) == []
     assert checkpoint.load(run / "checkpoints" / "last.npz").meta["step"] == kept
     assert (run / "failed.txt").read_text(encoding="utf-8").startswith("CheckpointError")
@@ -92,7 +92,7 @@ def test_disk_fault_while_appending_metrics(cli_invoke, faults, monkeypatch, cor
     assert disk.failed == 1 and r.exit_code == 1, r.output
     line = one_error_line(r)
     assert f"cannot append to {run / 'metrics.jsonl'}: {problem}; checkpoints so far are intact" in line
-    assert f"charrnn train --resume {run}" in line
+    assert f"--resume {run}" in line
     lines = (run / "metrics.jsonl").read_bytes().splitlines()
     assert len(lines) == 2 and all(line.startswith(b"{") and line.endswith(b"}") for line in lines)  # nothing torn
     assert checkpoint.load(run / "checkpoints" / "last.npz").meta["step"] == 10
@@ -131,7 +131,7 @@ def test_disk_full_while_starting_a_run(cli_invoke, faults, monkeypatch, corpus,
     assert f"{name}: No space left on device" in line
     assert faults.temp_files(run) == []
     if written:
-        assert "continue with: charrnn train --resume" in line
+        assert f"continue with --resume {run}" in line
         r = cli_invoke("train", "--resume", run)
     else:
         assert "run the same command again" in line and runlog.unused(runlog.RunDir(run))

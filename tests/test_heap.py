@@ -11,17 +11,16 @@ import pytest
 
 CHILD = r"""
 import resource, sys
-from charrnn import bench, config, heap, runlog, train
+from charrnn import bench, config, heap, trainer
 if sys.argv[1] == "keep":
     assert heap.keep_freed_memory()
 cfg = config.load(None, ["model.hidden_size=512", "train.batch_size=32", "train.seq_len=100"])
-cfg, ctx = train._context(cfg, bench.synthetic_data(65), runlog.RunDir("/nonexistent"), lambda kind, record: None)
-state = train._fresh_state(ctx)
+model = trainer.build_trainer(cfg, bench.synthetic_data(65))
 for _ in range(3):
-    train.train_step(ctx, state)
+    model.step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
-    train.train_step(ctx, state)
+    model.step()
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 """
 

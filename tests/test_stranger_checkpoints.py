@@ -315,8 +315,8 @@ INSTEAD = {
 RUNS = {
     "empty-directory": (lambda d: d.mkdir(), "it is an empty directory, not a charrnn run directory", "--run-dir"),
     "foreign-directory": (lambda d: (d.mkdir(), (d / "notes.txt").write_text("mine")),
-                          "it is not a charrnn run directory", "charrnn train -c CONFIG"),
-    "missing-directory": (lambda d: None, "no such run directory", "charrnn train -c CONFIG --run-dir"),
+                          "it is not a charrnn run directory", "--run-dir NEW_DIR"),
+    "missing-directory": (lambda d: None, "no such run directory", "start a new run there with --run-dir"),
     # kept: a real run killed before its first checkpoint (what runlog.create makes)
     "killed-before-its-first-checkpoint": (lambda d: runlog.create(runlog.RunDir(d)),
                                            "the run stopped before it saved its first checkpoint",

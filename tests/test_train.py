@@ -141,7 +141,7 @@ def test_throughput_and_elapsed_time_across_a_resume(tmp_path, corpus, module_ca
     import time
     import types
 
-    import charrnn.train as trainer
+    from charrnn import intervals, trainer
 
     now = [0.0]
     real_step = trainer.train_step
@@ -151,7 +151,7 @@ def test_throughput_and_elapsed_time_across_a_resume(tmp_path, corpus, module_ca
         return real_step(ctx, state)
 
     monkeypatch.setattr(trainer, "train_step", one_second_step)
-    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(perf_counter=lambda: now[0], strftime=time.strftime))
+    monkeypatch.setattr(intervals, "time", types.SimpleNamespace(perf_counter=lambda: now[0], strftime=time.strftime))
     run = tmp_path / "run"
     train(tiny.config(corpus, *RESUME, cache_dir=module_cache), run, stop=stop_after(13))
     train(resume_config(run), run, resume=True)
@@ -292,7 +292,8 @@ def test_extending_a_finished_run_equals_a_longer_run(cli_invoke, tmp_path, corp
     assert_same_params(load_last(longer).params, ck.params)
     steps = [rec["step"] for rec in runlog.read_metrics(run / "metrics.jsonl")]
     assert steps == sorted(set(steps)) and steps[-1] == 45
-    assert steps[:6] == [5, 10, 15, 20, 25, 30] and steps[6:] == [33, 36, 39, 40, 42, 45]  # every 3rd step and evaluations (every 10th)
+    # every 3rd step and evaluations (every 10th)
+    assert steps[:6] == [5, 10, 15, 20, 25, 30] and steps[6:] == [33, 36, 39, 40, 42, 45]
 
 
 def test_resume_accepts_run_length_and_logging_keys(cli_invoke, tmp_path, reference):
