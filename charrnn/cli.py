@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from charrnn import __version__, checkpoint, config, dataset, evaluate
+from charrnn import __version__, api, config, dataset, evaluate
 from charrnn.errors import CharRNNError, DataError, UsageError
 from charrnn.output import Output
 
@@ -83,6 +83,7 @@ class Group(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)  # an int here is the code of click's Exit (--help: 0)
 
     def invoke(self, ctx):
+        """Run a command, turning what it raises into one line and an exit code."""
         try:
             return super().invoke(ctx)
         except CharRNNError as e:
@@ -128,6 +129,7 @@ class _Stopper:
         return self.reason
 
     def handle(self, signum, frame):
+        """The signal handler: note the reason, or leave at once on a second Ctrl-C."""
         name = signal.Signals(signum).name
         if self.reason is not None:
             if name == "SIGINT":
@@ -144,6 +146,7 @@ class _Stopper:
             pass
 
     def install(self):
+        """Handle SIGINT and SIGTERM from now on."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.handle)
 
@@ -162,54 +165,22 @@ class _Stopper:
 @click.option("--list-keys", is_flag=True, help="List every config key with its default and exit.")
 def train(config_path, sets, run_dir, resume_dir, init_from, list_keys):
     """Train a model; writes config, metrics, checkpoints and samples into a run directory."""
-    from charrnn.progress import Reporter
-    from charrnn.train import resume_config, train as run_training
-
     if list_keys:
         _print(config.describe_keys())
         return
     if resume_dir and (config_path or init_from or (run_dir and run_dir != resume_dir)):
         raise UsageError("--resume takes the run's own config: do not combine it with -c, --init-from or --run-dir")
-    if resume_dir:
-        cfg, target = resume_config(resume_dir, sets), resume_dir
-    else:
-        cfg = _absolute_paths(config.load(config_path, sets))
-        target = run_dir or _default_run_dir(cfg)
     stopper = _Stopper()
     stopper.install()
-    with Reporter() as reporter:
-        summary = run_training(cfg, target, resume=bool(resume_dir), init_from=init_from, report=reporter, stop=stopper)
-    reporter.summary(summary)
+    summary = api.train(config_path, resume_dir or run_dir, resume=bool(resume_dir), init_from=init_from,
+                        progress=True, sets=sets, stop=stopper)
     if summary.interrupted:
         click.echo(f"stopped by {summary.interrupted} at step {summary.steps}; last.npz saved. Continue with:\n"
                    f"  charrnn train --resume {shlex.quote(str(summary.run_dir))}", err=True)
         sys.exit(SIGNAL_EXIT[summary.interrupted])
 
 
-def _absolute_paths(cfg):
-    """Relative corpus paths made absolute, so eval and --resume work from any directory."""
-    values = {}
-    for key in ("data.path", "data.val_path", "data.cache_dir"):
-        value = config.get(cfg, key)
-        if value and not value.startswith("builtin:") and Path(value).expanduser().exists():
-            values[key] = str(Path(value).expanduser().resolve())
-    return config.replace(cfg, values)
-
-
-def _default_run_dir(cfg) -> Path:
-    from charrnn.runlog import default_run_dir
-
-    return default_run_dir(cfg.name)
-
-
 # ---- sample -----------------------------------------------------------------------------------
-
-def _prime_ids_check(prime: str, vocab, option: str = "--prime") -> None:
-    unknown = vocab.unknown_chars(prime)
-    if unknown and vocab.unk is None:
-        raise UsageError(f"{option} has characters the model does not know: {''.join(unknown)!r}; "
-                         "remove them (this model has no unknown symbol)")
-
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("target", type=click.Path(path_type=Path))
@@ -220,7 +191,8 @@ def _prime_ids_check(prime: str, vocab, option: str = "--prime") -> None:
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Nucleus sampling: the smallest set of characters with this much probability.")
 @click.option("--prime", default="", help="Text to start from (printed before the generated text).")
-@click.option("--seed", type=click.IntRange(min=0), default=None, help="Random seed; the same seed gives the same text. Default: random (printed to stderr).")
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="Random seed; the same seed gives the same text. Default: random (printed to stderr).")
 @click.option("--greedy", is_flag=True, help="Always take the most likely character.")
 @click.option("-n", "--num-samples", "n", type=click.IntRange(min=1), default=1, show_default=True,
               help="Independent samples, generated as one batch, separated by a line '---'.")
@@ -229,58 +201,33 @@ def _prime_ids_check(prime: str, vocab, option: str = "--prime") -> None:
 @click.option("--mask", default="_", show_default=True, help="The mask character for --infill.")
 def sample(target, length, temperature, top_k, top_p, prime, seed, greedy, n, stop, infill, mask):
     """Generate text from a checkpoint or run directory (its best.npz, else last.npz)."""
-    from charrnn.sample import Knobs, generate, infill as fill
+    from charrnn.sample import Knobs, check_objective
 
     if len(mask) != 1:
         raise click.BadParameter("must be exactly one character", param_hint="--mask")
-    knobs = Knobs(temperature, top_k or 0, top_p, greedy)
-    knobs.check()  # before any file is read: NaN, overflowing and underflowing values are refused
-    ck = checkpoint.load(target, with_training_state=False)
-    vocab = _vocab(ck)
-    if (ck.meta.get("objective") == "cloze") != (infill is not None):
-        raise UsageError("--infill needs a bidirectional (cloze) checkpoint; this one is a next-char model"
-                         if infill is not None else
-                         "this is a bidirectional (cloze) checkpoint: it fills gaps and cannot generate left to right; "
-                         "use --infill TEMPLATE (e.g. --infill 'to be or __ to be')")
+    # before any file is read: NaN, overflowing and underflowing values are refused
+    Knobs(temperature, top_k or 0, top_p, greedy).check()
+    model = api.load(target)
+    check_objective(model.spec, infill is not None)  # before a seed is printed for a request that is refused
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % 2**32)
         if not greedy:  # greedy output does not depend on the seed: printing one would suggest it does
             click.echo(f"seed {seed}", err=True)
-    rng = np.random.default_rng(seed)
     out = _out()
+    knobs = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed, "greedy": greedy}
     if infill is not None:
-        _prime_ids_check(infill.replace(mask, ""), vocab, "--infill")
-        text = fill(ck.spec, ck.params, vocab, infill, rng, mask, config.from_dict(ck.meta["config"], str(ck.path)).train.seq_len, knobs)
-        _print(text, out)
-        return
-    _prime_ids_check(prime, vocab)
-    _write_samples(out, generate(ck.spec, ck.params, vocab, length, rng, n, prime, knobs), n, prime, stop)
-
-
-def _write_samples(out, steps, n: int, prime: str, stop: str | None) -> None:
-    """Stream a single sample as it is generated; print a batch of samples when done."""
-    texts, done = [[] for _ in range(n)], [False] * n
-    pending = prime.encode("utf-8") if n == 1 else b""  # written with the first character, so a
-    for chars in steps:  # generator that refuses (e.g. a cloze model) leaves stdout empty
-        for i, ch in enumerate(chars):
-            if not done[i]:
-                texts[i].append(ch)
-                done[i] = bool(stop) and "".join(texts[i][-len(stop):]) == stop
-        if n == 1:
-            out.write(pending + chars[0].encode("utf-8"))
-            pending = b""
-            if chars[0] == "\n":
+        _print(model.infill(infill, mask, **knobs), out)
+    elif n > 1:  # a batch is printed when done
+        _print("\n---\n".join(model.sample(length, prime, n=n, stop=stop, **knobs)), out)
+    else:  # one sample is streamed as it is generated, a line at a time
+        for piece in model.stream(length, prime, stop=stop, **knobs):
+            out.write(piece)
+            if piece.endswith("\n"):
                 out.flush()
-        if all(done):
-            break
-    if n == 1:
-        out.write(pending + b"\n")
-    else:
-        out.write("\n---\n".join(prime + "".join(t) for t in texts).encode("utf-8") + b"\n")
-    out.flush()
+        _print("", out)
 
 
-def _run_config(ck) -> config.Config | None:
+def _run_config(model: api.Model) -> config.Config | None:
     """The config.yaml of the run directory holding this checkpoint, if it is a regular file the
     user owns; else None.
 
@@ -288,7 +235,7 @@ def _run_config(ck) -> config.Config | None:
     diagnose read or where they write (a downloaded checkpoint could name any file and any cache
     directory). The run's own config.yaml, which the user's `charrnn train` wrote, may.
     """
-    path = Path(ck.path)
+    path = model.path
     if path.parent.name != "checkpoints":
         return None
     own = path.parent.parent / "config.yaml"
@@ -310,32 +257,31 @@ def _scratch(run_cfg) -> Path:
     return cache_root(run_cfg.data.cache_dir if run_cfg else None) / "scratch"
 
 
-def _run_text(ck, run_cfg, what: str):
+def _run_text(model: api.Model, run_cfg, what: str):
     """The run's own corpus (from its config.yaml), checked against the checkpoint."""
     if run_cfg is None:
-        raise UsageError(f"{ck.path} is not in a run directory of yours (no config.yaml you own next to its "
+        raise UsageError(f"{model.path} is not in a run directory of yours (no config.yaml you own next to its "
                          f"checkpoints/), so it cannot say which text to read; give the text to {what} with --corpus FILE")
     data = dataset.load(run_cfg.data)
-    if data.vocab != _vocab(ck):
+    if data.vocab != _vocab(model):
         raise DataError(f"the run's corpus {data.source} changed since the checkpoint was written; "
                         f"{what} a file with --corpus")
-    recorded = ck.meta.get("corpus_sha256")
+    recorded = model.meta.get("corpus_sha256")
     if isinstance(recorded, str) and recorded != data.sha256:
         click.echo(f"warning: the run's corpus {data.source} changed since the checkpoint was written "
                    "(same characters, other text); the numbers are for the text as it is now", err=True)
     return data
 
 
-def _corpus_ids(ck, run_cfg, corpus: Path, encoding: str) -> tuple[np.ndarray, float]:
+def _check_corpus(corpus: Path) -> None:
     if not corpus.exists():
         raise DataError(f"--corpus {corpus}: no such file")
-    return evaluate.encode_file(corpus, _vocab(ck), encoding, _scratch(run_cfg))
 
 
-def _vocab(ck):
+def _vocab(model: api.Model):
     from charrnn.vocab import Vocab
 
-    return Vocab.from_json(ck.meta)
+    return Vocab(model.vocab, model.unk)
 
 
 # ---- eval -------------------------------------------------------------------------------------
@@ -352,36 +298,37 @@ def eval_(target, corpus, split, as_json):
     if corpus is not None and click.get_current_context().get_parameter_source("split").name == "COMMANDLINE":
         raise UsageError("give either --corpus FILE or --split, not both")
     out = _out()
-    ck = checkpoint.load(target, with_training_state=False)
-    cfg, run_cfg = config.from_dict(ck.meta["config"], str(ck.path)), _run_config(ck)
-    vocab = _vocab(ck)
+    model = api.load(target)
+    run_cfg = _run_config(model)
     if corpus is not None:
-        ids, unk_rate = _corpus_ids(ck, run_cfg, corpus, cfg.data.encoding)
+        _check_corpus(corpus)
+        res = model.score_file(corpus, scratch_dir=_scratch(run_cfg))
     else:
-        data = _run_text(ck, run_cfg, "score")
+        data = _run_text(model, run_cfg, "score")
         ids = data.val if split == "val" else data.train
         if ids is None:
             raise UsageError("the run has no validation text (data.val_fraction = 0); use --split train or --corpus FILE")
-        unk_rate = float(np.mean(ids == vocab.unk_id)) if vocab.unk is not None and len(ids) else 0.0
-    res = evaluate.evaluate_ids(ck.spec, ck.params, ids, cfg.train.seq_len, unk_rate)
-    if unk_rate == 1.0:
+        res = model._score_ids(ids)
+    if res["unk_rate"] == 1.0:
         click.echo("warning: every character of the text is outside the model's vocabulary (unk_rate 100%): "
                    "the score says nothing about the text; is it in the script the model was trained on?", err=True)
     if as_json:
-        _print(json.dumps(res.as_dict()), out)
+        _print(json.dumps(res), out)
         return
-    _print(f"objective   {res.objective}\nloss        {res.loss:.4f} nats/char\nbpc         {res.bpc:.4f}\n"
-               f"perplexity  {res.perplexity:.3f}\nchars       {res.chars:,}\nunk_rate    {res.unk_rate:.4%}", out)
+    _print(f"objective   {res['objective']}\nloss        {res['loss']:.4f} nats/char\nbpc         {res['bpc']:.4f}\n"
+           f"perplexity  {res['perplexity']:.3f}\nchars       {res['chars']:,}\nunk_rate    {res['unk_rate']:.4%}", out)
 
 
 # ---- diagnose, plot, runs ----------------------------------------------------------------------
 
-def _text_ids(ck, cfg, corpus: Path | None) -> tuple[np.ndarray, str]:
+def _text_ids(model: api.Model, corpus: Path | None) -> tuple[np.ndarray, str]:
     """Ids of --corpus, else of the run's validation text (its training text if it has none)."""
-    run_cfg = _run_config(ck)
+    run_cfg = _run_config(model)
     if corpus is not None:
-        return _corpus_ids(ck, run_cfg, corpus, cfg.data.encoding)[0], str(corpus)
-    data = _run_text(ck, run_cfg, "take windows from")
+        _check_corpus(corpus)
+        encoding = model.config["data"]["encoding"]
+        return evaluate.encode_file(corpus, _vocab(model), encoding, _scratch(run_cfg))[0], str(corpus)
+    data = _run_text(model, run_cfg, "take windows from")
     if data.val is None:
         return data.train, f"{data.source} (training text: the run has no validation text)"
     return data.val, f"{data.source} (validation text)"
@@ -408,27 +355,26 @@ def diagnose_(targets, corpus, windows, length, plot_path, as_json):
 
     out, named = _out(), []
     for target in targets:
-        ck = checkpoint.load(target, with_training_state=False)
-        cfg = config.from_dict(ck.meta["config"], str(ck.path))
-        ids, source = _text_ids(ck, cfg, corpus)
-        prof = diagnose.profile(ck.spec, ck.params, ids, windows, length or cfg.train.seq_len)
-        named.append((ck, source, prof))
+        model = api.load(target)
+        ids, source = _text_ids(model, corpus)
+        prof = diagnose.profile(model.spec, model.params, ids, windows, length or model.config["train"]["seq_len"])
+        named.append((model, source, prof))
     if plot_path is not None:
         from charrnn.plot import plot_profiles
 
         labels = [str(target) if len(targets) > 1 else "" for target in targets]
         plot_profiles([(label, prof) for label, (_, _, prof) in zip(labels, named)], plot_path,
-                      "" if len(targets) > 1 else f"gradient flow: {named[0][0].path} (step {named[0][0].meta.get('step')})")
+                      "" if len(targets) > 1 else f"gradient flow: {named[0][0].path} (step {named[0][0].step})")
         click.echo(f"wrote {plot_path}", err=True)
-    for i, (ck, source, prof) in enumerate(named):
+    for i, (model, source, prof) in enumerate(named):
         if as_json:
-            out.line(json.dumps({"checkpoint": str(ck.path), "step": ck.meta.get("step"), "text": source,
-                                   **diagnose.profile_dict(prof)}))
+            out.line(json.dumps({"checkpoint": str(model.path), "step": model.step, "text": source,
+                                 **diagnose.profile_dict(prof)}))
             continue
-        out.line(("\n" if i else "") + f"checkpoint {ck.path} (step {ck.meta.get('step')}); windows from {source}")
+        out.line(("\n" if i else "") + f"checkpoint {model.path} (step {model.step}); windows from {source}")
         out.line(diagnose.format_profile(prof))
     if len(named) > 1 and not as_json:
-        out.line("\n" + diagnose.format_comparison([(str(ck.path), prof) for ck, _, prof in named]))
+        out.line("\n" + diagnose.format_comparison([(str(model.path), prof) for model, _, prof in named]))
     out.flush()
 
 
@@ -475,7 +421,8 @@ def runs_(directory, as_json):
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed steps first.")
 @click.option("--vocab", "vocab_size", type=click.IntRange(min=2, max=1_000_000), default=None,
               help="Synthetic random ids with this vocabulary size instead of the config's corpus.")
-@click.option("--sample-chars", type=click.IntRange(min=10), default=3000, show_default=True, help="Characters sampled for the sampling rate.")
+@click.option("--sample-chars", type=click.IntRange(min=10), default=3000, show_default=True,
+              help="Characters sampled for the sampling rate.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(config_path, sets, steps, seconds, warmup, vocab_size, sample_chars, as_json):
     """Measure training and sampling speed, peak memory and the share of the GEMM rate reached."""
@@ -502,5 +449,6 @@ def bench(config_path, sets, steps, seconds, warmup, vocab_size, sample_chars, a
 
 
 def main():
+    """The `charrnn` console script."""
     cli(prog_name="charrnn")
 

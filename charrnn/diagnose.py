@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from charrnn import cells, dataset, model
-from charrnn.errors import DataError, UsageError
+from charrnn.errors import DataError, UsageError, option
 
 EXACT_SVD_MAX = 1024  # above this H an SVD per evaluation stops being cheap: use power iteration
 PROFILE_BUDGET = 256 << 20  # bytes one batch of windows may hold in the profile's float64 pass
@@ -145,6 +145,8 @@ def gradient_flow(spec: model.Spec, params: dict, x, y=None, h0: dict | None = N
 # ---- the profile over K windows ------------------------------------------------------------------
 
 class LayerFlow(NamedTuple):
+    """One layer's part of a Profile."""
+
     norms: np.ndarray  # (S+1,) mean over windows of ||dL/dh|| at distance k = 0..S
     factor: float  # fitted per-step factor: exp(slope of ln norm vs distance); nan if unfittable
     sigmas: dict  # sigma_max of W_hh ('' -> s for rnn) or of each gate block ('i' -> s, ...)
@@ -157,6 +159,8 @@ class LayerFlow(NamedTuple):
 
 
 class Profile(NamedTuple):
+    """The gradient-flow profile of a model on K windows (profile())."""
+
     cell: str  # rnn, lstm or gru
     layers: dict  # 'layers.{l}.{d}' -> LayerFlow
     windows: int  # K
@@ -170,7 +174,7 @@ def _need(ids, T: int, bidirectional: bool) -> int:
     n = len(ids)
     if n < need:
         raise DataError(f"the text has {n} characters; windows of {T} need at least {need} "
-                        f"(lower --length to at most {max(1, n - (0 if bidirectional else 1))})")
+                        f"(lower {option('length')} to at most {max(1, n - (0 if bidirectional else 1))})")
     return need
 
 
@@ -215,7 +219,7 @@ def windows_per_batch(spec: model.Spec, T: int) -> int:
     per_window = (T + 1) * model.position_bytes(spec)
     if per_window > PROFILE_BUDGET:
         longest = PROFILE_BUDGET // model.position_bytes(spec) - 1
-        raise UsageError(f"--length {T}: at most {longest:,} characters per window for this model (each position "
+        raise UsageError(f"{option('length', T)}: at most {longest:,} characters per window for this model (each position "
                          f"holds about {model.position_bytes(spec) / 1024:,.1f} KiB; {PROFILE_BUDGET >> 20} MiB per batch)")
     return PROFILE_BUDGET // per_window
 
@@ -249,7 +253,7 @@ def profile(spec: model.Spec, params: dict, ids, K: int, T: int) -> Profile:
     (exact for means and fractions; rms and geometric means are a batch-weighted mean of them).
     """
     if K < 1 or T < 1:
-        raise UsageError(f"--windows {K} and --length {T}: both must be at least 1")
+        raise UsageError(f"{option('windows', K)} and {option('length', T)}: both must be at least 1")
     K = window_count(ids, K, T, spec.bidirectional)
     need, batch = _need(ids, T, spec.bidirectional), windows_per_batch(spec, T)
     params = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}  # once, not per batch

@@ -18,7 +18,7 @@ import numpy as np
 from charrnn import batches, corpus, heap, ops
 from charrnn.errors import DataError, NumericalError
 from charrnn.model import Spec, forward, position_bytes, targets
-from charrnn.vocab import Vocab
+from charrnn.vocab import Vocab, codepoints
 
 
 # Bytes of activations one batch of evaluation windows may hold. Training's own windows
@@ -27,6 +27,8 @@ EVAL_BUDGET = 256 << 20
 
 
 class EvalResult(NamedTuple):
+    """A model's score on a text (`charrnn eval`, Model.score)."""
+
     loss: float  # mean cross-entropy, nats per scored character
     bpc: float  # bits per character: loss / ln 2
     perplexity: float  # exp(loss)
@@ -35,6 +37,7 @@ class EvalResult(NamedTuple):
     objective: str  # "next-char" or "cloze"
 
     def as_dict(self) -> dict:
+        """The fields as a dict, in order: the object `eval --json` prints."""
         return self._asdict()
 
 
@@ -67,6 +70,7 @@ def score(spec: Spec, params: dict, ids, seq_len: int, batch: int = 32) -> tuple
 
 
 def result(total: float, count: int, objective: str, unk_rate: float = 0.0) -> EvalResult:
+    """The EvalResult of a summed loss over count characters; NumericalError if it is not finite."""
     loss = total / count
     if not math.isfinite(loss):  # e.g. weights so large that the logits overflow: no number to report
         raise NumericalError(f"the model's loss on this text is {loss} (its logits overflow); "
@@ -75,6 +79,7 @@ def result(total: float, count: int, objective: str, unk_rate: float = 0.0) -> E
 
 
 def evaluate_ids(spec: Spec, params: dict, ids, seq_len: int, unk_rate: float = 0.0) -> EvalResult:
+    """The model's score on ids (N,); DataError for a text too short for its objective."""
     heap.keep_freed_memory()  # windows reuse the previous window's pages
     if len(ids) < (1 if spec.bidirectional else 2):
         raise DataError(f"the text has {len(ids)} characters; a {spec.objective} model needs at least "
@@ -92,10 +97,31 @@ def encode_file(path: Path, vocab: Vocab, encoding: str, scratch: Path | None = 
     size holds a bounded amount of RAM (held in memory, a 1 GB text is 1-2 GB of ids). If the
     directory cannot be written, the ids are kept in memory instead.
     """
-    sink = _Sink(vocab.dtype, scratch)
+    return _encode(corpus.iter_codepoints(path, encoding), vocab, _Sink(vocab.dtype, scratch), str(path))
+
+
+def encode_text(text: str, vocab: Vocab) -> tuple[np.ndarray, float]:
+    """Ids of a string and its unknown-character rate, exactly as encode_file gives them for a
+    UTF-8 file holding that text (the same refusals too: empty, a NUL character, nothing known)."""
+    if not isinstance(text, str):
+        raise DataError(f"the text to score must be a str, not {type(text).__name__}")
+    nul = text.find("\0")
+    if nul >= 0:  # a file holding it would be refused as binary (corpus.iter_codepoints)
+        raise DataError(f"the text holds a NUL character at character {nul}; text never contains one")
+    try:
+        cps = codepoints(text)
+    except UnicodeEncodeError as e:  # a lone surrogate: no file can hold it as text
+        raise DataError(f"the text holds {text[e.start]!r} at character {e.start}, a lone surrogate "
+                        "that is not a Unicode character; decode the text with errors='replace'") from None
+    return _encode(iter([cps] if len(cps) else []), vocab, _Sink(vocab.dtype, None), "the text")
+
+
+def _encode(chunks, vocab: Vocab, sink: _Sink, name: str) -> tuple[np.ndarray, float]:
+    """Ids and unknown-character rate of code-point chunks, collected in sink; name says what
+    the text is in messages (a path, or "the text")."""
     unknown, n = 0, 0
     try:
-        for cps in corpus.iter_codepoints(path, encoding):
+        for cps in chunks:
             ids = vocab.lookup(cps)
             missing = ids < 0
             unknown += int(missing.sum())
@@ -103,9 +129,10 @@ def encode_file(path: Path, vocab: Vocab, encoding: str, scratch: Path | None = 
             ids = np.where(missing, vocab.unk_id, ids) if vocab.unk is not None else ids[~missing]
             sink.add(ids.astype(vocab.dtype))
         if n == 0:
-            raise DataError(f"{path} is empty; give a text file with some characters")
+            raise DataError(f"{name} is empty; give a text with some characters" if name == "the text" else
+                            f"{name} is empty; give a text file with some characters")
         if unknown == n and vocab.unk is None:
-            raise DataError(f"none of the {n:,} characters of {path} is in the model's vocabulary; "
+            raise DataError(f"none of the {n:,} characters of {name} is in the model's vocabulary; "
                             "score a text in the script the model was trained on (or check data.encoding)")
         return sink.array(), unknown / n
     finally:

@@ -14,12 +14,13 @@ would pass STREAMS_BUDGET bytes is refused up front with its limit (check_stream
 from __future__ import annotations
 
 import math
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
+from collections.abc import Iterator
 
 import numpy as np
 
 from charrnn import ops
-from charrnn.errors import NumericalError, UsageError
+from charrnn.errors import NumericalError, UsageError, option
 from charrnn.model import Spec, forward, layer_params, tower_forward, zero_state
 from charrnn.vocab import Vocab
 
@@ -42,23 +43,25 @@ TOP_P_MIN = 1e-12
 
 
 class Knobs(NamedTuple):
+    """How each next character is chosen from the model's distribution (check() before use)."""
+
     temperature: float = 1.0  # in [TEMPERATURE_MIN, TEMPERATURE_MAX]; divides the logits
     top_k: int = 0  # keep the k most likely characters (0: all)
     top_p: float = 1.0  # in [TOP_P_MIN, 1]: keep the smallest set with this much probability (1: all)
     greedy: bool = False  # always the most likely character (ignores the rest)
 
-    def check(self) -> "Knobs":
+    def check(self) -> Knobs:
         """self, or a UsageError naming the option whose value is out of range (NaN included)."""
         t, p = self.temperature, self.top_p
         if not (isinstance(t, (int, float, np.floating)) and TEMPERATURE_MIN <= t <= TEMPERATURE_MAX):
-            raise UsageError(f"--temperature {t}: must be a number from {TEMPERATURE_MIN:g} to {TEMPERATURE_MAX:g} "
-                             "(for a temperature near 0, use --greedy)")
+            raise UsageError(f"{option('temperature', t)}: must be a number from {TEMPERATURE_MIN:g} to "
+                             f"{TEMPERATURE_MAX:g} (for a temperature near 0, use {option('greedy')})")
         if not (isinstance(p, (int, float, np.floating)) and TOP_P_MIN <= p <= 1):
-            raise UsageError(f"--top-p {p}: must be a number from {TOP_P_MIN:g} to 1 "
-                             "(for a top-p near 0, use --greedy)")
+            raise UsageError(f"{option('top_p', p)}: must be a number from {TOP_P_MIN:g} to 1 "
+                             f"(for a top-p near 0, use {option('greedy')})")
         k = self.top_k
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-            raise UsageError(f"--top-k {k}: must be a whole number >= 1 (0 in the library: no limit)")
+            raise UsageError(f"{option('top_k', k)}: must be a whole number >= 1 (None or 0: no limit)")
         return self
 
 
@@ -81,9 +84,9 @@ def check_streams(spec: Spec, itemsize: int, n: int, length: int = 0) -> None:
     limit = max_streams(spec, itemsize, length)
     if n > limit:
         per = stream_bytes(spec, itemsize, length)
-        raise UsageError(f"-n {n}: at most {limit:,} samples of --length {length:,} from this model at once "
-                         f"(each holds about {per / 1024:,.1f} KiB, {STREAMS_BUDGET >> 20} MiB in all); "
-                         "run several commands with different --seed values")
+        raise UsageError(f"{option('num_samples', n)}: at most {limit:,} samples of {option('length', f'{length:,}')} "
+                         f"from this model at once (each holds about {per / 1024:,.1f} KiB, {STREAMS_BUDGET >> 20} MiB "
+                         f"in all); run several commands with different {option('seed')} values")
 
 
 def _unusable() -> NumericalError:
@@ -200,6 +203,25 @@ def _step(net: _Net, c, s: list, spare: list, z):
     return z[:, GH:] + net.b_out, z  # (n, V) logits, a new row-major array
 
 
+def check_objective(spec: Spec, infill: bool) -> None:
+    """A UsageError unless the request fits the model: generating left to right needs a next-char
+    model, filling gaps (infill) a bidirectional (cloze) one."""
+    if spec.bidirectional and not infill:
+        raise UsageError("this is a bidirectional (cloze) checkpoint: it fills gaps and cannot generate left to right; "
+                         f"use {option('infill', 'TEMPLATE')} (e.g. {option('infill', 'to be or __ to be')})")
+    if infill and not spec.bidirectional:
+        raise UsageError(f"{option('infill')} needs a bidirectional (cloze) checkpoint; this one is a next-char model")
+
+
+def check_known(vocab: Vocab, text: str, what: str = "prime") -> None:
+    """A UsageError naming the characters of text (given as option `what`) that the model cannot
+    read: those outside its vocabulary when it has no unknown symbol to map them to."""
+    unknown = vocab.unknown_chars(text)
+    if unknown and vocab.unk is None:
+        raise UsageError(f"{option(what)} has characters the model does not know: {''.join(unknown)!r}; "
+                         "remove them (this model has no unknown symbol)")
+
+
 def generate_ids(spec: Spec, params: dict, vocab: Vocab, length: int, rng: np.random.Generator, n: int = 1,
                  prime: str = "", knobs: Knobs = Knobs()) -> Iterator[np.ndarray]:
     """An iterator over `length` steps, each the ids (n,) of the next character of each stream.
@@ -209,9 +231,7 @@ def generate_ids(spec: Spec, params: dict, vocab: Vocab, length: int, rng: np.ra
     here, before anything runs: a cloze model, knobs out of range, or more streams than
     STREAMS_BUDGET allows (counting the characters a caller keeps when n > 1) raise UsageError.
     """
-    if spec.bidirectional:
-        raise UsageError("this is a bidirectional (cloze) checkpoint: it fills gaps and cannot generate left to right; "
-                         "use --infill TEMPLATE (e.g. --infill 'to be or __ to be')")
+    check_objective(spec, infill=False)
     knobs.check()
     check_streams(spec, params["out.W_ho"].dtype.itemsize, n, length if n > 1 else 0)
     return _generate_ids(spec, params, vocab, length, rng, n, prime, knobs)
@@ -253,15 +273,54 @@ def generate(spec: Spec, params: dict, vocab: Vocab, length: int, rng: np.random
     return ([chars[j] for j in c.tolist()] for c in generate_ids(spec, params, vocab, length, rng, n, prime, knobs))
 
 
+def text_pieces(spec: Spec, params: dict, vocab: Vocab, length: int, rng: np.random.Generator, prime: str = "",
+                knobs: Knobs = Knobs(), stop: str | None = None) -> Iterator[str]:
+    """One sample as it is generated: the prime with the first character, then one character at
+    a time (the prime alone when length is 0), ending after the generated text first ends with
+    `stop` (the prime is not searched). Joined, the pieces are the sample.
+
+    The request is checked before this returns (check_known on the prime, then generate_ids's
+    checks), so a refused request yields nothing; the prime travels with the first character, so
+    a model that fails at its first step has yielded nothing either.
+    """
+    check_known(vocab, prime)
+    return _pieces(generate(spec, params, vocab, length, rng, 1, prime, knobs), prime, stop)
+
+
+def _pieces(steps: Iterator[list], prime: str, stop: str | None) -> Iterator[str]:
+    pending, tail = prime, ""
+    for chars in steps:
+        yield pending + chars[0]
+        pending = ""
+        if stop:
+            tail = (tail + chars[0])[-len(stop):]
+            if tail == stop:
+                return
+    if pending:
+        yield pending
+
+
+def sample_texts(spec: Spec, params: dict, vocab: Vocab, length: int, rng: np.random.Generator, n: int,
+                 prime: str = "", knobs: Knobs = Knobs(), stop: str | None = None) -> list[str]:
+    """n samples generated as one batch, each the prime and its generated text, that text cut
+    after it first ends with `stop`. Checked as text_pieces is."""
+    check_known(vocab, prime)
+    steps = generate(spec, params, vocab, length, rng, n, prime, knobs)
+    texts, done = [[] for _ in range(n)], [False] * n
+    for chars in steps:
+        for i, ch in enumerate(chars):
+            if not done[i]:
+                texts[i].append(ch)
+                done[i] = bool(stop) and "".join(texts[i][-len(stop):]) == stop
+        if all(done):
+            break
+    return [prime + "".join(t) for t in texts]
+
+
 def sample_text(spec: Spec, params: dict, vocab: Vocab, length: int, rng: np.random.Generator, prime: str = "",
                 knobs: Knobs = Knobs(), stop: str | None = None) -> str:
     """One sample as a string (prime included), cut after the first `stop` string if given."""
-    out = []
-    for chars in generate(spec, params, vocab, length, rng, 1, prime, knobs):
-        out.append(chars[0])
-        if stop and stop in "".join(out[-len(stop):]):
-            break
-    return prime + "".join(out)
+    return "".join(text_pieces(spec, params, vocab, length, rng, prime, knobs, stop))
 
 
 # ---- gap filling with a cloze model ----------------------------------------------------------------
@@ -275,8 +334,7 @@ def infill(spec: Spec, params: dict, vocab: Vocab, template: str, rng: np.random
     a placeholder (a space, if in the vocabulary); later sweeps re-predict every gap given the
     current fill of all the others (Gibbs-style), so each gap ends up conditioned on both sides.
     """
-    if not spec.bidirectional:
-        raise UsageError("--infill needs a bidirectional (cloze) checkpoint; this one is a next-char model")
+    check_objective(spec, infill=True)
     knobs.check()
     gaps = [i for i, ch in enumerate(template) if ch == mask]
     ids = vocab.encode(template.replace(mask, " " if " " in vocab.chars else vocab.chars[0]),

@@ -193,15 +193,16 @@ BAD_KNOBS = [
 
 @pytest.mark.parametrize("bad, option", BAD_KNOBS, ids=[f"{k}={v}" for k, v in (next(iter(b.items())) for b, _ in BAD_KNOBS)])
 def test_degenerate_knobs_are_refused_naming_the_option(bad, option, cli_invoke, with_unk):
-    with pytest.raises(UsageError, match=option) as info:
+    name = option.lstrip("-").replace("-", "_")  # the library names the option; each front end spells it
+    with pytest.raises(UsageError, match=f"^{name}=") as info:
         sample.Knobs(**bad).check()
-    assert "\n" not in str(info.value) and info.value.exit_code == 2
+    assert "\n" not in str(info.value) and info.value.exit_code == 2 and info.value.render("cli").startswith(option)
     spec, params = _tiny_model()
     vocab = Vocab(list("abcdefghijk") + ["\ufffd"], unk="\ufffd")
-    with pytest.raises(UsageError, match=option):  # refused when called, before any character
+    with pytest.raises(UsageError, match=f"^{name}="):  # refused when called, before any character
         sample.generate_ids(spec, params, vocab, 5, np.random.default_rng(0), knobs=sample.Knobs(**bad))
     cloze, cloze_params = _tiny_model(bidirectional=True)
-    with pytest.raises(UsageError, match=option):
+    with pytest.raises(UsageError, match=f"^{name}="):
         sample.infill(cloze, cloze_params, vocab, "abc_def", np.random.default_rng(0), knobs=sample.Knobs(**bad))
     flag, value = option, next(iter(bad.values()))
     if flag != "--top-k":  # the command refuses it too: exit 2, one line, nothing on stdout
@@ -286,9 +287,9 @@ def _outside(key: str) -> list:
 @pytest.mark.parametrize("key", NUMERIC)
 def test_values_outside_a_keys_limits_are_refused_naming_key_and_range(key, write_text):
     for value in _outside(key):
-        for load in (lambda: config.load(None, [f"{key}={value}"]),
-                     lambda: config.load(write_text(f"{key.replace('.', ': {', 1)}: {value}{'}' if '.' in key else ''}\n",
-                                                    "limits.yaml"))):
+        yaml_text = f"{key.replace('.', ': {', 1)}: {value}{'}' if '.' in key else ''}\n"
+        for load in (lambda value=value: config.load(None, [f"{key}={value}"]),
+                     lambda yaml_text=yaml_text: config.load(write_text(yaml_text, "limits.yaml"))):
             with pytest.raises(ConfigError) as info:
                 load()
             msg = str(info.value)
