@@ -34,7 +34,8 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
+from collections.abc import Callable
 
 from charrnn.errors import RunDirError
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from charrnn import dataset
-from charrnn.errors import DataError
+from charrnn.errors import DataError, option
 
 
 def plan_streams(n: int, N: int, T: int) -> tuple[int, int]:
@@ -38,7 +38,7 @@ def plan_streams(n: int, N: int, T: int) -> tuple[int, int]:
                         "use a longer corpus")
     if n < T + 2:
         raise DataError(f"the training text has {n} characters but train.seq_len={T} needs at least {T + 2}; "
-                        f"lower train.seq_len (e.g. --set train.seq_len={n - 2}) or use a longer corpus")
+                        f"lower train.seq_len (e.g. {option('set', f'train.seq_len={n - 2}')}) or use a longer corpus")
     N = min(N, (n - 1) // (T + 1))
     return N, (n - 1) // N
 

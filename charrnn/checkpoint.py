@@ -2,11 +2,12 @@
 
 Entries:
     <parameter name>           e.g. layers.0.fwd.W_xh, out.W_ho (model.param_shapes)
-    optim/<slot>/<name>        optimizer state per parameter (adam: m, v; sgd: velocity; ...)
+    optim/<slot>/<name>        optimizer state per parameter, the configured optimizer's slots
+                               (optim.SLOTS: adam m, v; sgd velocity; ...)
     state/<direction>/<layer>  the recurrent state carried into the next training window: (N, k*H),
                                the cell's state blocks side by side (rnn, gru: h; lstm: [h | c],
                                so columns H..2H are the LSTM's c)
-    meta                       a 0-d unicode array holding one JSON object (see README)
+    meta                       a 0-d unicode array holding one JSON object (README.md, "Checkpoint format")
 
 Format versions: 1 (vanilla cells only; its config has no model.cell) and 2 (model.cell names the
 cell). Version-1 files load as rnn models, unchanged.
@@ -36,12 +37,14 @@ import os
 import stat
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import numpy as np
 
 from charrnn import atomic, config, model
 from charrnn.errors import CharRNNError, CheckpointError
+from charrnn.optim import SLOTS as OPTIMIZER_SLOTS
 from charrnn.vocab import MAX_SIZE as MAX_VOCAB, Vocab
 
 FORMAT_VERSION = 2
@@ -113,14 +116,24 @@ def resolve(target: str | Path) -> Path:
 
 # ---- writing --------------------------------------------------------------------------------------
 
+def optim_entry(slot: str, name: str) -> str:
+    """The entry of optimizer slot `slot` (optim.SLOTS) for parameter `name`."""
+    return f"optim/{slot}/{name}"
+
+
+def state_entry(direction: str, layer: int) -> str:
+    """The entry of the hidden state carried by layer `layer` of tower `direction` (Spec.dirs)."""
+    return f"state/{direction}/{layer}"
+
+
 def save(path: Path, params: dict, meta: dict, optim: dict | None = None, state: dict | None = None) -> None:
     """Write a checkpoint atomically. Refuses (CheckpointError) to write any non-finite value:
     parameters, optimizer state or carried hidden state."""
     arrays = dict(params)
     for slot, tensors in (optim or {}).items():
-        arrays.update({f"optim/{slot}/{name}": a for name, a in tensors.items()})
+        arrays.update({optim_entry(slot, name): a for name, a in tensors.items()})
     for d, layers in (state or {}).items():
-        arrays.update({f"state/{d}/{l}": a for l, a in enumerate(layers)})
+        arrays.update({state_entry(d, l): a for l, a in enumerate(layers)})
     bad = [name for name, a in arrays.items() if not np.isfinite(a).all()]
     if bad:
         raise CheckpointError(f"refusing to write {path}: non-finite values in {', '.join(bad)}")
@@ -379,29 +392,32 @@ def _check_footprint(path: Path, spec: model.Spec, cfg: config.Config) -> None:
                           f"machine's memory ({limit / 2**30:.1f} GiB); refusing to load it")
 
 
-def _allowed_entries(spec: model.Spec, shapes: dict, batch_size: int) -> dict:
-    """Every entry a checkpoint with this metadata may hold, with its maximal size in bytes."""
-    allowed = {f"{name}.npy": 8 * math.prod(s) for name, s in shapes.items()}
-    for name, s in shapes.items():
-        for slot in ("velocity", "sum_sq", "mean_sq", "m", "v"):
-            allowed[f"optim/{slot}/{name}.npy"] = 8 * math.prod(s)
+def _allowed_entries(spec: model.Spec, train: config.TrainConfig) -> dict:
+    """Every entry a checkpoint of this model and training config may hold (without ".npy"), with
+    its largest size in bytes: each parameter (model.param_shapes), the slots of the configured
+    optimizer for each (optim.SLOTS), and each tower layer's carried state (Spec.dirs, Spec.L,
+    the cell's state_size) for train.batch_size streams."""
+    shapes = model.param_shapes(spec)
+    allowed = {name: 8 * math.prod(s) for name, s in shapes.items()}
+    for slot in OPTIMIZER_SLOTS[train.optimizer]:
+        allowed.update({optim_entry(slot, name): 8 * math.prod(s) for name, s in shapes.items()})
     for d in spec.dirs:
-        for l in range(spec.L):
-            allowed[f"state/{d}/{l}.npy"] = 8 * spec.state_size * batch_size
-    return {k: v + HEADER_SLACK for k, v in allowed.items()}
+        allowed.update({state_entry(d, l): 8 * spec.state_size * train.batch_size for l in range(spec.L)})
+    return allowed
 
 
-def _wanted_entries(path: Path, zf: zipfile.ZipFile, spec: model.Spec, batch_size: int,
+def _wanted_entries(path: Path, zf: zipfile.ZipFile, spec: model.Spec, train: config.TrainConfig,
                     with_training_state: bool) -> list[zipfile.ZipInfo]:
     """The entries to read, each checked against the shapes meta implies and all together against
     this machine's memory, before any is read."""
     shapes = model.param_shapes(spec)
-    allowed = _allowed_entries(spec, shapes, batch_size)
+    allowed = {f"{name}.npy": size + HEADER_SLACK for name, size in _allowed_entries(spec, train).items()}
     for info in zf.infolist():
         if info.filename == "meta.npy":
             continue
         if info.filename not in allowed:
-            raise _fail(path, f"unexpected entry {info.filename!r} for the {spec.cell} model its meta describes")
+            raise _fail(path, f"unexpected entry {info.filename!r} for the {spec.cell} model trained with "
+                              f"{train.optimizer} that its meta describes")
         if info.file_size > allowed[info.filename]:
             raise _fail(path, f"entry {info.filename} declares {info.file_size:,} bytes, more than its shape allows; "
                               "refusing to load it")
@@ -422,7 +438,7 @@ def load(target: str | Path, with_training_state: bool = True) -> Checkpoint:
         meta = _read_meta(path, zf)
         cfg = _check_meta(path, meta)
         spec = model.spec_of_config(len(meta["vocab"]), cfg.model)
-        wanted = _wanted_entries(path, zf, spec, cfg.train.batch_size, with_training_state)
+        wanted = _wanted_entries(path, zf, spec, cfg.train, with_training_state)
         arrays = {info.filename[: -len(".npy")]: _read_entry(path, zf, info) for info in wanted}
         return arrays, meta, spec
     return _check(path, *_open(path, read))
@@ -449,7 +465,8 @@ def _check(path: Path, arrays: dict, meta: dict, spec: model.Spec) -> Checkpoint
         parts = key.split("/")
         if parts[0] == "optim":
             if a.shape != tuple(shapes[parts[2]]) or a.dtype != dtype:
-                raise _fail(path, f"optimizer entry {key} has shape {a.shape} / dtype {a.dtype}, expected {tuple(shapes[parts[2]])} / {dtype}")
+                raise _fail(path, f"optimizer entry {key} has shape {a.shape} / dtype {a.dtype}, "
+                                  f"expected {tuple(shapes[parts[2]])} / {dtype}")
             optim.setdefault(parts[1], {})[parts[2]] = a
         elif parts[0] == "state":
             if a.ndim != 2 or a.shape[1] != spec.state_size or a.dtype != dtype:
@@ -457,5 +474,10 @@ def _check(path: Path, arrays: dict, meta: dict, spec: model.Spec) -> Checkpoint
             state.setdefault(parts[1], {})[int(parts[2])] = a
         if parts[0] in ("optim", "state") and not np.isfinite(a).all():
             raise _fail(path, f"entry {key} holds NaN or Inf values")
+    for slot, tensors in optim.items():  # a slot is the state of every parameter or of none
+        missing = [name for name in shapes if name not in tensors]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise _fail(path, f"optimizer state optim/{slot} has no entry for parameter {missing[0]}{more}")
     state = {d: [layers[l] for l in sorted(layers)] for d, layers in state.items()}
     return Checkpoint(params, optim, state, meta, path, spec)

@@ -26,7 +26,7 @@ from typing import Any, Union
 
 import yaml
 
-from charrnn.errors import ConfigError
+from charrnn.errors import ConfigError, option
 
 
 # Upper limits. Every numeric key has both bounds (tests check it), so that a value that would only
@@ -37,6 +37,8 @@ from charrnn.errors import ConfigError
 COUNT_MAX = 10**12
 LR_MAX = 1e38
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB of YAML; more is a wrong file (e.g. /dev/zero)
+# where override values came from, in messages: `--set` on the command line, `sets=[...]` in Python
+SET_SOURCE = option("set")
 
 
 def _f(default, why: str, **limits) -> Any:
@@ -47,11 +49,11 @@ def _f(default, why: str, **limits) -> Any:
 @dataclass(frozen=True)
 class DataConfig:
     path: str = _f("builtin:python-docs", "a text file, builtin:python-docs (offline) or a catalog name such as tinyshakespeare")
-    val_path: Union[str, None] = _f(None, "a separate validation file; if unset the tail of the corpus is used")
+    val_path: str | None = _f(None, "a separate validation file; if unset the tail of the corpus is used")
     val_fraction: float = _f(0.1, "share of the corpus (its end) held out for validation when val_path is unset", ge=0.0, lt=1.0)
     encoding: str = _f("utf-8", "text encoding of the corpus files (e.g. latin-1, utf-16)")
     min_count: int = _f(1, "characters seen fewer times in the training text map to one unknown symbol", ge=1, le=COUNT_MAX)
-    cache_dir: Union[str, None] = _f(None, "where encoded corpora are cached; default: the user cache dir")
+    cache_dir: str | None = _f(None, "where encoded corpora are cached; default: the user cache dir")
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,8 @@ class ModelConfig:
     num_layers: int = _f(1, "L: stacked layers; layer l reads layer l-1's h_t", ge=1, le=64)
     bidirectional: bool = _f(False, "two towers, one per direction: a gap-filling (cloze) model, not a next-char one")
     dropout: float = _f(0.0, "inverted dropout between layers and before the output; off at evaluation", ge=0.0, lt=1.0)
-    init_scale: float = _f(1.0, "multiplies the 1/sqrt(fan_in) init; each W_hh block starts as a scaled orthogonal matrix", gt=0.0, le=100.0)
+    init_scale: float = _f(1.0, "multiplies the 1/sqrt(fan_in) init; each W_hh block starts as a scaled orthogonal matrix",
+                           gt=0.0, le=100.0)
 
 
 @dataclass(frozen=True)
@@ -71,11 +74,13 @@ class TrainConfig:
     seq_len: int = _f(64, "T: characters per step, the truncated-BPTT horizon", ge=1, le=10**6)
     max_steps: int = _f(2000, "optimizer steps; 0 writes the initialized model and stops", ge=0, le=COUNT_MAX)
     optimizer: str = _f("adam", "update rule", choices=("sgd", "adagrad", "rmsprop", "adam"))
-    lr: float = _f(2e-3, "peak learning rate (values far above 1 diverge: the non-finite guard stops or skips)", gt=0.0, le=LR_MAX)
+    lr: float = _f(2e-3, "peak learning rate (values far above 1 diverge: the non-finite guard stops or skips)",
+                   gt=0.0, le=LR_MAX)
     momentum: float = _f(0.0, "sgd momentum (0 = plain sgd)", ge=0.0, lt=1.0)
     beta1: float = _f(0.9, "adam first-moment decay", ge=0.0, lt=1.0)
     beta2: float = _f(0.999, "adam second-moment decay", ge=0.0, lt=1.0)
-    rmsprop_decay: float = _f(0.95, "rmsprop: decay of the running mean of squared gradients (char-rnn uses 0.95)", ge=0.0, lt=1.0)
+    rmsprop_decay: float = _f(0.95, "rmsprop: decay of the running mean of squared gradients (char-rnn uses 0.95)",
+                              ge=0.0, lt=1.0)
     eps: float = _f(1e-8, "added to denominators of adagrad, rmsprop and adam", gt=0.0, le=1.0)
     weight_decay: float = _f(0.0, "decoupled (AdamW-style) decay of weight matrices, not biases", ge=0.0, le=100.0)
     lr_schedule: str = _f("constant", "learning-rate decay after warm-up", choices=("constant", "cosine", "step"))
@@ -83,8 +88,10 @@ class TrainConfig:
     decay_every: int = _f(1000, "step schedule: steps between decays", ge=1, le=COUNT_MAX)
     decay_rate: float = _f(0.5, "step schedule: lr multiplier at each decay", gt=0.0, le=1.0)
     warmup_steps: int = _f(0, "linear warm-up from 0 to lr over this many steps", ge=0, le=COUNT_MAX)
-    clip_norm: float = _f(5.0, "rescale all gradients so their global L2 norm is at most this; 0 or null: off", ge=0.0, le=1e6, null=0.0)
-    clip_value: float = _f(0.0, "clamp each gradient element to [-v, v] (min-char-rnn style); 0 or null: off", ge=0.0, le=1e6, null=0.0)
+    clip_norm: float = _f(5.0, "rescale all gradients so their global L2 norm is at most this; 0 or null: off",
+                          ge=0.0, le=1e6, null=0.0)
+    clip_value: float = _f(0.0, "clamp each gradient element to [-v, v] (min-char-rnn style); 0 or null: off",
+                           ge=0.0, le=1e6, null=0.0)
     dtype: str = _f("float32", "parameter and activation precision", choices=("float32", "float64"))
     eval_every: int = _f(500, "steps between validation evaluations (0: only at the end)", ge=0, le=COUNT_MAX)
     eval_chars: int = _f(0, "validation characters scored per evaluation (0: all of them)", ge=0, le=COUNT_MAX)
@@ -344,7 +351,8 @@ def parse_set(assignment: str) -> tuple[str, Any]:
     key, sep, raw = assignment.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"config error (--set): {assignment!r} is not KEY=VALUE (e.g. --set train.lr=3e-3)")
+        raise ConfigError(f"config error ({SET_SOURCE}): {assignment!r} is not KEY=VALUE "
+                          f"(e.g. {option('set', 'train.lr=3e-3')})")
     try:
         value = _safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -383,12 +391,17 @@ def replace(cfg: Config, values: dict[str, Any]) -> Config:
     return dataclasses.replace(cfg, **top)
 
 
+def overrides(sets: tuple[str, ...] | list[str]) -> tuple[str, dict[str, Any]]:
+    """The layer of KEY=VALUE overrides (--set on the command line, `sets` in Python) for build()."""
+    return SET_SOURCE, dict(parse_set(s) for s in sets)
+
+
 def load(config_path: str | Path | None = None, sets: tuple[str, ...] | list[str] = ()) -> Config:
-    """defaults < config file < --set: the resolved, validated Config."""
+    """defaults < config file < overrides (`sets`, --set): the resolved, validated Config."""
     layers = []
     if config_path is not None:
         layers.append((str(config_path), read_yaml(config_path)))
-    layers.append(("--set", dict(parse_set(s) for s in sets)))
+    layers.append(overrides(sets))
     return build(layers)
 
 
@@ -423,7 +436,7 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
             raise ConfigError(f"config error ({where}): {key} = {_describe(value)}: must be {_allowed(meta)}")
     if not cfg.name.strip() or "/" in cfg.name or cfg.name in (".", ".."):
         raise ConfigError(f"config error ({sources.get('name', 'default')}): name = {_describe(cfg.name)}: must be a "
-                          "non-empty run-directory prefix without '/' (choose the parent directory with --run-dir)")
+                          f"non-empty run-directory prefix without '/' (choose the parent directory with {option('run_dir')})")
     if cfg.model.bidirectional and cfg.train.seq_len < 2:
         raise ConfigError(f"config error ({sources.get('train.seq_len', 'default')}): train.seq_len = {cfg.train.seq_len}: "
                           "a bidirectional (cloze) model needs train.seq_len >= 2")
@@ -444,7 +457,7 @@ def dump_yaml(cfg: Config) -> str:
 
 
 def describe_keys() -> str:
-    """Every key with its default and reason, for `charrnn train --help-config`."""
+    """Every key with its default and reason, for `charrnn train --list-keys`."""
     lines = []
     for key in all_keys():
         f = _field(key)

@@ -40,18 +40,19 @@ import stat
 import time
 import urllib.request
 from pathlib import Path
-from typing import BinaryIO, Iterator, NamedTuple
+from typing import BinaryIO, NamedTuple
+from collections.abc import Iterator
 
 import numpy as np
 
 from charrnn import atomic
-from charrnn.errors import CharRNNError, DataError
+from charrnn.errors import CharRNNError, DataError, option
 
-# Bytes read and decoded at a time. Measured on 256 MB of ASCII-heavy text with some emoji (2
-# cores): 1 MiB chunks decode at 460 MB/s, 8 MiB ones at 200 MB/s (the decoded str and its UTF-32
-# copy, 4 bytes a character, no longer fit in the caches); pure ASCII and CJK text are no slower
-# at 1 MiB. Peak memory is about 13 chunks (the chunk, its str, UTF-32 copies of it and of the
-# previous chunk), so 1 MiB also keeps tokenizing small.
+# Bytes read and decoded at a time. Larger chunks decode at less than half the speed, because
+# the decoded str and its UTF-32 copy, 4 bytes a character, no longer fit in the caches; pure
+# ASCII and CJK text are no slower at 1 MiB (benchmarks/README.md). Peak memory is about 13
+# chunks (the chunk, its str, UTF-32 copies of it and of the previous chunk), so 1 MiB also
+# keeps tokenizing small.
 CHUNK_BYTES = 1 << 20
 BUILTIN_PREFIX = "builtin:"
 CORPORA_DIR = Path(__file__).resolve().parent.parent / "corpora"
@@ -92,7 +93,8 @@ def builtin_python_docs(cache_dir: str | None) -> Path:
         try:
             atomic.write_bytes(path, data)
         except OSError as e:
-            raise DataError(f"cannot write the builtin corpus to {path}: {e.strerror}; set data.cache_dir to a writable directory") from None
+            raise DataError(f"cannot write the builtin corpus to {path}: {e.strerror}; "
+                            "set data.cache_dir to a writable directory") from None
     return path
 
 
@@ -113,7 +115,7 @@ def catalog(corpora_dir: Path | None = None) -> dict:
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open_regular(path) as f:
-        while block := f.read(CHUNK_BYTES):  # 1.5 GB/s here: a tenth of a first load's time
+        while block := f.read(CHUNK_BYTES):  # hashing costs a small part of tokenizing
             digest.update(block)
     return digest.hexdigest()
 
@@ -251,12 +253,13 @@ class Source(NamedTuple):
 def source_sha256(path: Path, memo_dir: Path | None = None, recall: bool = True) -> Source:
     """The file's sha256, remembered in memo_dir (if given) under the file's identity and times.
 
-    Hashing is what a cache hit costs (0.7 s per GB here). The memo is keyed by device, inode,
-    size, mtime and ctime in nanoseconds: any write to the file changes its ctime, which no user
-    tool can set back, so a changed file is always hashed again. As git does against "racy"
-    timestamps, a file modified under 2 s before it was hashed is not memoized (a coarse clock
-    could give a second same-size write the same times), nor one whose identity changed while it
-    was hashed. recall=False hashes the file even when a memo exists (and rewrites the memo).
+    Without a memo, hashing the whole file is what a cache hit costs (benchmarks/README.md has the
+    time per GB). The memo is keyed by device, inode, size, mtime and ctime in nanoseconds: any
+    write to the file changes its ctime, which no user tool can set back, so a changed file is
+    always hashed again. As git does against "racy" timestamps, a file modified under 2 s before
+    it was hashed is not memoized (a coarse clock could give a second same-size write the same
+    times), nor one whose identity changed while it was hashed. recall=False hashes the file even
+    when a memo exists (and rewrites the memo).
     """
     try:
         st = os.stat(path)
@@ -410,7 +413,7 @@ def _not_text(path: Path, encoding: str, head: bytes, where: str) -> DataError:
     wide = _suggested(head, encoding)
     if wide is not None:
         return DataError(f"{path} looks like {wide.upper()} text, not {encoding}; "
-                         f"set data.encoding (--set data.encoding={wide})")
+                         f"set data.encoding ({option('set', f'data.encoding={wide}')})")
     return DataError(f"{path} looks like a binary file ({where}); give a text file")
 
 
@@ -475,12 +478,13 @@ def _undecodable(path: Path, encoding: str, head: bytes, chunk: bytes, offset: i
     empty unless the encoding is ASCII-compatible, where a NUL byte means binary data."""
     e = bad.error
     if not isinstance(e, UnicodeDecodeError):
-        return DataError(f"{path}: cannot decode it as {encoding} ({e}); set data.encoding (e.g. --set data.encoding=utf-8)")
+        return DataError(f"{path}: cannot decode it as {encoding} ({e}); "
+                         f"set data.encoding (e.g. {option('set', 'data.encoding=utf-8')})")
     nul = chunk.find(b"\0")
     if nul >= 0 or _suggested(head, encoding):
         return _not_text(path, encoding, head, f"NUL byte at byte offset {offset + nul}")
     return DataError(f"{path}: cannot decode byte offset {offset - bad.pending + e.start} as {encoding} ({e.reason}); "
-                     "set data.encoding (e.g. --set data.encoding=latin-1)")
+                     f"set data.encoding (e.g. {option('set', 'data.encoding=latin-1')})")
 
 
 def count_codepoints(path: Path, encoding: str, digest: ReadDigest | None = None) -> tuple[np.ndarray, int]:

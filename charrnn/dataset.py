@@ -12,11 +12,10 @@ the order they first appear (provisional ids) and written out with plain file wr
 vocabulary is built from the training part's counts at the end, and a final pass over the
 provisional ids, a cheap table lookup, puts them into the vocabulary's sorted order (or the
 provisional file simply becomes ids.bin when the orders agree). Nothing is held in memory as a
-Python string or list of the whole corpus. Measured on a 1 GB ASCII-heavy corpus (2 cores,
-benchmarks/SCALE.md): the earlier scheme (a count pass, a memory-mapped write pass, bincounts
-over the written ids) ran at 62 MB/s with 1.2 GB peak RSS, because every written or re-read
-page of a memory-mapped output counts toward RSS and faults in one page at a time; this one
-runs at 144 MB/s with 71 MB.
+Python string or list of the whole corpus. The earlier scheme (a count pass, a memory-mapped
+write pass, bincounts over the written ids) was less than half as fast and its peak RSS grew
+with the corpus, because every written or re-read page of a memory-mapped output counts toward
+RSS and faults in one page at a time (benchmarks/SCALE.md, benchmarks/README.md).
 
 Pages of the mapped ids that training has read stay mapped (and counted in RSS) until someone
 drops them: `release_pages` does that and the trainer calls it every `release_every` steps, so
@@ -53,25 +52,26 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
+from collections.abc import Iterator
 
 import numpy as np
 
 from charrnn import corpus
 from charrnn.config import DataConfig
-from charrnn.errors import DataError
+from charrnn.errors import DataError, option
 from charrnn.vocab import Vocab, build_vocab, id_dtype
 
 FORMAT = 3  # 3: meta.json records checksums and source fingerprints (2: without; 1: .npy files)
 # Ids per vectorized pass (bincount, table lookup, remap). np.bincount and np.take first convert
-# their indices to 8-byte intp: on 1 Mi ids that temporary (8 MiB) stays in cache, and both ran
-# about twice as fast as on 8 Mi ids at once (bincount 20 -> 9.5 ms, take 19 -> 7.5 ms per 8 Mi).
+# their indices to 8-byte intp: on 1 Mi ids that temporary (8 MiB) stays in cache, which makes
+# both about twice as fast as on much longer passes (benchmarks/README.md).
 REMAP_CHUNK = 1 << 20
 # Corpus bytes that training may leave mapped between two release_pages calls. A read from the
 # mapping maps much more than its own 4 KiB page: Linux maps the neighbouring pages that are in
-# the page cache (fault-around, whole large folios). Measured here (Linux 6.18): 250 KiB per
-# random read on average in a 1 GB cache file, 1 MiB in a freshly written 16 MB one; release_every
-# counts MAPPED_PER_WINDOW for each window.
+# the page cache (fault-around, whole large folios), how many depending on the kernel and on the
+# file. release_every counts MAPPED_PER_WINDOW, the most one read was seen to map
+# (benchmarks/README.md), for each window.
 RESIDENT_BUDGET = 32 << 20
 MAPPED_PER_WINDOW = 1 << 20
 SCAN_BYTES = 1 << 20  # id file bytes checksummed at a time when an entry is opened
@@ -264,7 +264,8 @@ def _little_endian(dtype) -> np.dtype:
 
 def _sync(path: Path) -> None:
     """Flush a written file to disk: the entry is renamed into place afterwards and must not be
-    left half-written. (Only final files: syncing provisional ones cost 45 ms a file in tests.)"""
+    left half-written. (Only final files: provisional ones are deleted after the build, and
+    syncing each of them too made every build, and the test suite, noticeably slower.)"""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -561,7 +562,7 @@ def check_mapped(*arrays) -> None:
             if path is None:
                 raise DataError("a memory-mapped corpus file was truncated while it was read; run the command again")
             raise DataError(f"the corpus cache file {path} was truncated while it was in use; run the command again "
-                            "(the entry is rebuilt; a training run continues from its last checkpoint with --resume)")
+                            f"(the entry is rebuilt; a training run continues from its last checkpoint with {option('resume')})")
 
 
 # ---- keeping the mapped corpus out of RSS ---------------------------------------------------------
@@ -570,21 +571,35 @@ def release_every(windows: int, seq_len: int) -> int:
     """Steps (or evaluation batches) of `windows` windows of seq_len + 1 ids between two
     release_pages calls, so that at most about RESIDENT_BUDGET bytes of the corpus stay mapped.
 
-    With the default 32 windows this is every step, with 8 windows every 3. Measured on a 1 GB
-    corpus (2 cores): a release, and faulting the next 32 windows back in from the page cache,
-    cost about 0.3 ms; a training step of a hidden-64 model with 32 windows of 64 about 50 ms.
+    With the default 32 windows this is every step, with 8 windows every 3. A release, and
+    faulting the next windows back in from the page cache, costs well under a hundredth of even a
+    small model's training step (benchmarks/README.md), so releasing this often is cheap.
     """
     per_step = windows * (MAPPED_PER_WINDOW + 4 * (seq_len + 1))  # 4: the widest id type
     return max(1, RESIDENT_BUDGET // per_step)
 
 
 def _mapping_of(a) -> mmap.mmap | None:
-    """The mmap behind an array from load (through slices and views), else None."""
+    """The read-only file mapping behind an array (through slices and views), as load maps ids,
+    else None. Writable mappings are not ours: dropping their pages would discard what was
+    written (a private anonymous mapping reads back as zeros), and one without a file cannot
+    be truncated."""
     while a is not None:
         if isinstance(a, memoryview):
-            return a.obj if isinstance(a.obj, mmap.mmap) else None
+            return a.obj if isinstance(a.obj, mmap.mmap) and _read_only_file(a.obj) else None
         a = getattr(a, "base", None)
     return None
+
+
+def _read_only_file(mapping: mmap.mmap) -> bool:
+    with memoryview(mapping) as view:
+        if not view.readonly:
+            return False
+    try:
+        mapping.size()  # the mapped file's size: EBADF for an anonymous mapping
+    except OSError:
+        return False
+    return True
 
 
 def release_pages(*arrays) -> None:
@@ -595,7 +610,8 @@ def release_pages(*arrays) -> None:
     read-only shared file mapping only removes the process's page table entries: the data stays
     in the kernel's page cache and in the file, values never change (determinism and exact
     resume are unaffected), and the next read of a page is a minor fault. Arrays that are not
-    memory-mapped (in-memory ids, None) are skipped, as are platforms without madvise.
+    behind such a mapping (in-memory ids, None, writable or anonymous mappings: see _mapping_of)
+    are skipped, as are platforms without madvise.
     """
     if not hasattr(mmap, "MADV_DONTNEED"):
         return

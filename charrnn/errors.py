@@ -20,7 +20,9 @@ _TOKEN = re.compile(f"{_MARK}([a-z_]+){_MARK}(.*?){_MARK}", re.S)
 _CLI_SPELLING = {"config": "-c", "num_samples": "-n", "length": "--length", "windows": "-k"}
 # how the Python API spells one that is not name=value (a method, or a flag with a directory)
 _API_SPELLING = {"resume": "charrnn.train(config, run_dir={value}, resume=True)",
-                 "infill": "Model.infill({value})", "corpus": "score(text)"}
+                 "infill": "Model.infill({value})", "corpus": "score(text)",
+                 "num_samples": "n={value}", "greedy": "greedy=True",
+                 "set": "sets=[{value}]"}  # config.load(path, sets=[...]), resume_config(run_dir, sets)
 
 
 def option(name: str, value: object = None) -> str:
@@ -34,8 +36,17 @@ def _spell_cli(name: str, value: str) -> str:
     return f"{flag} {shlex.quote(value) if value and value.upper() != value else value}".rstrip()
 
 
+def _literal(value: str) -> str:
+    """value as a Python literal: numbers as they are, anything else quoted."""
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return repr(value)
+
+
 def _spell_api(name: str, value: str) -> str:
-    shown = repr(value) if value else "..."
+    shown = _literal(value) if value else "..."
     if name in _API_SPELLING:
         return _API_SPELLING[name].format(value=shown)
     return f"{name}={shown}"

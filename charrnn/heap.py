@@ -4,8 +4,8 @@ Why: a training step allocates its temporaries afresh (W1, 1 x 512 at N x T = 32
 30 MB in arrays of up to 6.5 MB: the looked-up inputs, the hidden states, tanh', dlogits...) and
 frees them at the end. glibc's malloc serves blocks that large with mmap, or trims them off the
 top of the heap when freed, so the next step gets fresh pages from the kernel, which zeroes each
-one on first touch. Measured: about 900 minor page faults and 4-6 ms of a 45-50 ms step
-(`tests/test_heap.py` counts the faults; benchmarks/README.md has the timing).
+one on first touch: hundreds of minor page faults a step, a noticeable share of its time
+(`tests/test_heap.py` counts the faults; benchmarks/README.md has the numbers).
 
 Telling malloc to keep large blocks in the heap (M_MMAP_THRESHOLD) and not to give the top of
 the heap back (M_TRIM_THRESHOLD) makes every step after the first reuse the same pages. The

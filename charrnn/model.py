@@ -85,7 +85,7 @@ def param_shapes(spec: Spec) -> dict[str, tuple]:
 def position_bytes(spec: Spec) -> int:
     """An upper estimate of the bytes one window position holds in a float64 forward and backward
     (caches, kept gradients, logits): what eval and diagnose size their batches by. Fitted with
-    room over the three cells' measured peaks."""
+    room above the peak each of the three cells reaches."""
     G, dirs = len(spec.unit.gates), len(spec.dirs)
     return 8 * (spec.L * dirs * (2 + 4 * G) * spec.H + 3 * dirs * spec.V)
 

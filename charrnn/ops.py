@@ -12,9 +12,9 @@ contiguous memory without copies. The model converts the user-facing (N, T) ids 
 
 Each primitive is a pair: `x_forward(...) -> (out, cache)` and `x_backward(dout, cache) -> grads`
 (the CS231n / llm.c contract). Functions never modify arrays they are given; caches hold only
-what backward needs. Matrices follow the column-vector math of the design documents
-(h_t = tanh(W_xh x_t + W_hh h_{t-1} + b_h), W_hh is H x H), applied to row-vector batches as
-h @ W.T: numpy passes the transpose to BLAS as a flag, it is never copied.
+what backward needs. Matrices follow the column-vector math of the papers and of PyTorch's
+nn.RNN (h_t = tanh(W_xh x_t + W_hh h_{t-1} + b_h), W_hh is H x H), applied to row-vector
+batches as h @ W.T: numpy passes the transpose to BLAS as a flag, it is never copied.
 
 Array module: arithmetic goes through `xp = array_module(x)`, numpy by default, so that an
 array library with numpy's API (e.g. CuPy) can run the same code.
@@ -41,10 +41,10 @@ ALIGN = 64  # bytes: one cache line
 def aligned_empty(shape, dtype, xp=np):
     """An uninitialized C-ordered array whose data starts on a 64-byte boundary.
 
-    malloc aligns to 16 bytes only, and OpenBLAS multiplied by a misaligned weight matrix up to
-    35% slower at the recurrence's shapes (measured, (32,512) x (512,512): 112 us aligned, 120 or
-    147-155 us at offsets 16, 32 or 48, varying from process to process). Which offset an array
-    gets depends on the process's allocation history.
+    malloc aligns to 16 bytes only, and OpenBLAS multiplies by a misaligned weight matrix markedly
+    slower at the recurrence's shapes, by an amount that depends on the offset (benchmarks/README.md).
+    Which offset an array gets depends on the process's allocation history, so without this the
+    speed of a run would vary from process to process.
     """
     dtype = np.dtype(dtype)
     n = math.prod(shape)
@@ -105,7 +105,7 @@ def row_table(W, b):
     """(V, H) = W^T + b in row-major order, so that one character's row is contiguous.
 
     `W.T + b` alone would come out column-major (numpy keeps the input's layout), and gathering
-    rows from it is a strided copy: 15 us instead of 2 us per sampled character.
+    rows from it is a strided copy, several times slower per sampled character (benchmarks/README.md).
     """
     xp = array_module(W)
     table = xp.empty((W.shape[1], W.shape[0]), dtype=W.dtype)  # (V, H)
@@ -130,10 +130,10 @@ def lookup_backward(dpre, cache: LookupCache):
 def scatter_add_rows(out, idx, rows):
     """out[idx[i]] += rows[i] for every i, repeated indices accumulating (in place on `out`).
 
-    np.add.at states this literally but walks the rows one at a time (21 ms for 3,200 rows of
-    512 here), and np.add.reduceat on the sorted rows is not much better (8.6 ms). Sorting the
-    ids once, copying ids that occur once straight into place and summing each longer run of
-    equal ids as one contiguous slice takes 0.9 ms (V = 65) to 4 ms (V = 6,000). The stable sort
+    np.add.at states this literally but walks the rows one at a time, and np.add.reduceat on the
+    sorted rows is not much better. Sorting the ids once, copying ids that occur once straight
+    into place and summing each longer run of equal ids as one contiguous slice is several times
+    faster than either, for small and large vocabularies (benchmarks/README.md). The stable sort
     fixes the order of additions, so results are reproducible. Only `out` is written.
     """
     xp = array_module(rows)
@@ -205,7 +205,7 @@ def product(M, N: int, fm: bool) -> Product:
     R = M.shape[0]
     if fm:
         return Product(aligned_copy(M), aligned_empty((R, N), M.dtype, xp), True)
-    # small models: a plain contiguous copy (an aligned one cost the smallest workload 3% of its step)
+    # small models: a plain contiguous copy (aligning it cost the smallest workload more than it saved)
     return Product(contiguous(M.T), xp.empty((N, R), dtype=M.dtype), False)
 
 
@@ -231,8 +231,8 @@ def dropout_mask(shape, p, rng, dtype):
     Masks are drawn outside the forward pass (from the caller's Generator) and passed in, which
     keeps the forward pure and lets a gradient check hold one mask fixed.
     Speed: each 64-bit raw draw gives four 16-bit uniforms, compared with round(p * 2^16); that
-    is p to within 2^-17, and 8x faster than rng.random in float64 (4 ms vs 32 ms for a
-    (100, 32, 512) mask), which mattered: the float64 path cost as much as the forward pass.
+    is p to within 2^-17, and several times faster than rng.random in float64, which mattered:
+    the float64 path cost as much as the forward pass (benchmarks/README.md).
     """
     n = math.prod(shape)
     bits = rng.bit_generator.random_raw(-(-n // 4)).view(np.uint16)[:n].reshape(shape)

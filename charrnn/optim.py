@@ -24,7 +24,7 @@ class Layout(NamedTuple):
     offsets: tuple  # start of each tensor; offsets[-1] is the total size
 
     @classmethod
-    def of(cls, shapes: dict) -> "Layout":
+    def of(cls, shapes: dict) -> Layout:
         sizes = [math.prod(s) for s in shapes.values()]
         return cls(tuple(shapes), tuple(shapes.values()), tuple(np.concatenate([[0], np.cumsum(sizes)]).tolist()))
 
@@ -44,6 +44,8 @@ class Layout(NamedTuple):
         return np.concatenate([np.full(math.prod(s), float(predicate(n)), dtype=dtype) for n, s in zip(self.names, self.shapes)])
 
 
+# The state each update rule keeps, by slot name: init_state and _step use these names, and
+# checkpoints store and accept exactly these (optim/<slot>/<name>, checkpoint._allowed_entries).
 SLOTS = {"sgd": ("velocity",), "adagrad": ("sum_sq",), "rmsprop": ("mean_sq",), "adam": ("m", "v")}
 
 

@@ -93,7 +93,7 @@ class Vocab:
         return {"vocab": list(self.chars), "unk": self.unk}
 
     @classmethod
-    def from_json(cls, doc: dict) -> "Vocab":
+    def from_json(cls, doc: dict) -> Vocab:
         """The vocabulary of to_json's form. DataError unless vocab is a list (a string or a mapping
         would turn into characters too) and unk a character of it or null."""
         if not isinstance(doc["vocab"], list):

@@ -195,7 +195,7 @@ class Child:
             try:
                 line = self._queue.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"no line with {text!r} within {timeout}s; stderr so far:\n{''.join(self.lines)}")
+                raise AssertionError(f"no line with {text!r} within {timeout}s; stderr so far:\n{''.join(self.lines)}") from None
             if line is None:
                 raise AssertionError(f"child exited ({self.proc.wait()}) before printing {text!r}:\n{''.join(self.lines)}")
             self.lines.append(line)

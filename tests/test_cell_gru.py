@@ -2,10 +2,10 @@
 finite differences, and its own step function."""
 import numpy as np
 import pytest
+from gradcheck import numeric_gradient, rel_error, worst
 
 from charrnn import ops
 from charrnn.cells.gru import GRU
-from charrnn.gradcheck import numeric_gradient, rel_error, worst
 
 CELL = GRU()
 

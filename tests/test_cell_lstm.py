@@ -2,10 +2,10 @@
 (step = forward, inputs untouched, dtype kept, PyTorch's layout and the forget-gate bias)."""
 import numpy as np
 import pytest
+from gradcheck import numeric_gradient, rel_error, worst
 
 from charrnn import ops
 from charrnn.cells.lstm import LSTM
-from charrnn.gradcheck import numeric_gradient, rel_error, worst
 
 CELL = LSTM()
 

@@ -75,18 +75,57 @@ def test_cloze_checkpoint(cloze_run):
     entries = npz(cloze_run / "checkpoints" / "last.npz")
     meta = json.loads(str(entries["meta"][()]))
     assert meta["objective"] == "cloze"
-    assert set(model.param_shapes(model.make_spec(len(meta["vocab"]), 16, 1, True))) == {k for k in entries if "/" not in k} - {"meta"}
+    shapes = model.param_shapes(model.make_spec(len(meta["vocab"]), 16, 1, True))
+    assert set(shapes) == {k for k in entries if "/" not in k} - {"meta"}
     assert "layers.0.bwd.W_hh" in entries
     assert not any(k.startswith("state/") for k in entries)  # cloze windows start from zero states
 
 
+def optimizer_run(shared_run, optimizer):
+    return shared_run(TEXT, "train.max_steps=2", f"train.optimizer={optimizer}", "train.lr=0.01", "train.momentum=0.9")
+
+
 @pytest.mark.parametrize("optimizer", sorted(SLOTS))
 def test_optimizer_state_entries(shared_run, optimizer):
-    run = shared_run(TEXT, "train.max_steps=2", f"train.optimizer={optimizer}", "train.lr=0.01", "train.momentum=0.9")
-    entries = npz(run / "checkpoints" / "last.npz")
+    entries = npz(optimizer_run(shared_run, optimizer) / "checkpoints" / "last.npz")
     slots = {k.split("/")[1] for k in entries if k.startswith("optim/")}
     assert slots == set(SLOTS[optimizer])
     assert any(a.any() for k, a in entries.items() if k.startswith("optim/"))
+
+
+@pytest.mark.parametrize("optimizer", sorted(SLOTS))
+def test_a_checkpoint_of_each_optimizer_loads_with_its_slots(shared_run, optimizer):
+    """The entries a checkpoint may hold come from their owners: the optimizer's slots from
+    optim.SLOTS, parameters and carried states from the model spec."""
+    ck = checkpoint.load(optimizer_run(shared_run, optimizer))
+    assert set(ck.optim) == set(SLOTS[optimizer])
+    for slot in SLOTS[optimizer]:
+        assert {name: a.shape for name, a in ck.optim[slot].items()} == model.param_shapes(ck.spec)
+        for name, a in ck.optim[slot].items():
+            assert checkpoint.optim_entry(slot, name) == f"optim/{slot}/{name}" and a.dtype == ck.params[name].dtype
+    assert set(ck.state) == set(ck.spec.dirs) and len(ck.state["fwd"]) == ck.spec.L
+
+
+@pytest.mark.parametrize("optimizer, slot", [("adam", "momentum"), ("adam", "velocity"), ("sgd", "m"),
+                                             ("rmsprop", "sum_sq")])
+def test_an_unknown_optimizer_slot_is_refused(tmp_path, shared_run, optimizer, slot):
+    """A slot no optimizer has, or another optimizer's slot: refused before anything is read."""
+    src = optimizer_run(shared_run, optimizer) / "checkpoints" / "last.npz"
+    bad = rewrite(src, tmp_path / "bad.npz", lambda e: {**e, f"optim/{slot}/out.b_o": np.zeros_like(e["out.b_o"])})
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load(bad)
+    assert f"unexpected entry 'optim/{slot}/out.b_o.npy'" in str(err.value) and optimizer in str(err.value)
+    with pytest.raises(CheckpointError, match="unexpected entry"):
+        checkpoint.load(bad, with_training_state=False)
+
+
+def test_an_optimizer_slot_missing_a_parameter_is_refused(tmp_path, next_char_run):
+    """Resuming from it would fail with a bare KeyError when the slot is flattened."""
+    bad = rewrite(next_char_run / "checkpoints" / "last.npz", tmp_path / "bad.npz",
+                  lambda e: {k: v for k, v in e.items() if k != "optim/m/out.b_o"})
+    with pytest.raises(CheckpointError, match="optim/m has no entry for parameter out.b_o$"):
+        checkpoint.load(bad)
+    assert checkpoint.load(bad, with_training_state=False).optim == {}  # sample and eval read parameters only
 
 
 def test_meta_roundtrips_non_ascii_vocabulary(shared_run):

@@ -93,7 +93,8 @@ def test_unknown_key_names_the_source_file(write_text):
 
 def test_unknown_key_from_set_names_set():
     err = config_error(config.load, sets=["model.hiden_size=8"])
-    assert "--set" in str(err) and "did you mean model.hidden_size?" in str(err)
+    assert "(sets=[...])" in str(err) and "did you mean model.hidden_size?" in str(err)
+    assert "(--set)" in err.render("cli")
 
 
 def test_unknown_key_suggests_lr(write_text):
@@ -120,7 +121,8 @@ def test_hopeless_unknown_key_lists_valid_keys():
 def test_out_of_range_messages_name_key_value_range_and_source(assignment, key, shown, allowed):
     err = config_error(config.load, sets=[assignment])
     msg = str(err)
-    assert key in msg and shown in msg and allowed in msg and "(--set)" in msg
+    assert key in msg and shown in msg and allowed in msg and "(sets=[...])" in msg
+    assert err.render("cli") == msg.replace("(sets=[...])", "(--set)")
 
 
 def test_out_of_range_in_a_file_names_the_file(write_text):
@@ -145,8 +147,8 @@ def test_choices(write_text):
 
 
 def test_bidirectional_needs_two_characters_per_window():
-    msg = str(config_error(config.load, sets=["model.bidirectional=true", "train.seq_len=1"]))
-    assert "train.seq_len" in msg and "--set" in msg
+    err = config_error(config.load, sets=["model.bidirectional=true", "train.seq_len=1"])
+    assert "train.seq_len" in str(err) and "(sets=[...])" in str(err) and "(--set)" in err.render("cli")
     assert config.load(sets=["train.seq_len=1"]).train.seq_len == 1
 
 
@@ -169,8 +171,8 @@ def test_later_set_wins():
 
 def test_error_source_is_where_the_bad_value_came_from(write_text):
     path = write_text("train:\n  lr: 0.01\n")
-    msg = str(config_error(config.load, path, ["train.lr=-3"]))
-    assert "(--set)" in msg and str(path) not in msg
+    err = config_error(config.load, path, ["train.lr=-3"])
+    assert "(--set)" in err.render("cli") and str(path) not in str(err)
     bad = write_text("train:\n  lr: -3\n", "bad.yaml")
     assert config.load(bad, ["train.lr=0.1"]).train.lr == 0.1  # overridden before validation
 
@@ -179,8 +181,15 @@ def test_error_source_is_where_the_bad_value_came_from(write_text):
 
 @pytest.mark.parametrize("assignment", ["noequals", "=3", " =3"])
 def test_malformed_set(assignment):
-    msg = str(config_error(config.parse_set, assignment))
-    assert "--set" in msg and "KEY=VALUE" in msg and repr(assignment) in msg
+    err = config_error(config.parse_set, assignment)
+    assert str(err) == f"config error (sets=[...]): {assignment!r} is not KEY=VALUE (e.g. sets=['train.lr=3e-3'])"
+    assert err.render("cli") == f"config error (--set): {assignment!r} is not KEY=VALUE (e.g. --set train.lr=3e-3)"
+
+
+def test_a_bad_name_advises_run_dir_in_each_front_end():
+    err = config_error(config.load, sets=["name=a/b"])
+    assert str(err).endswith("(choose the parent directory with run_dir=...)")
+    assert err.render("cli").endswith("(choose the parent directory with --run-dir)")
 
 
 def test_set_values_are_yaml_scalars():
@@ -266,7 +275,8 @@ def test_dump_yaml_round_trips(make):
 
 def test_every_key_is_in_the_dump():
     doc = yaml.safe_load(config.dump_yaml(_non_default()))
-    flat = {f"{s}.{k}" for s, v in doc.items() if isinstance(v, dict) for k in v} | {k for k, v in doc.items() if not isinstance(v, dict)}
+    flat = ({f"{s}.{k}" for s, v in doc.items() if isinstance(v, dict) for k in v}
+            | {k for k, v in doc.items() if not isinstance(v, dict)})
     assert flat == set(config.all_keys())
 
 

@@ -296,7 +296,9 @@ def test_invalid_utf8_names_file_offset_and_encoding_option(write_text):
     msg = str(info.value)
     assert str(path) in msg
     assert f"byte offset {len(prefix)} " in msg
-    assert "data.encoding" in msg
+    # the advice names the config key, spelled for Python in str() and for the command line by cli.py
+    assert msg.endswith("set data.encoding (e.g. sets=['data.encoding=latin-1'])")
+    assert info.value.render("cli").endswith("set data.encoding (e.g. --set data.encoding=latin-1)")
 
 
 def test_latin1_file_with_encoding_latin1(write_text):

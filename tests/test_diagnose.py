@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from gradcheck import numeric_gradient, rel_error, worst
 
-from charrnn import checkpoint, config, diagnose, model, ops, runlog
+from charrnn import checkpoint, config, diagnose, model, runlog
 from charrnn.cli import cli
 from charrnn.errors import DataError
-from charrnn.gradcheck import numeric_gradient, rel_error, worst
 from charrnn.train import resume_config, train
 
 TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs!\n" * 30

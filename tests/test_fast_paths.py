@@ -95,13 +95,26 @@ def test_rnn_loops_equal_a_plain_float64_recurrence(rng, form):
     assert dh0.flags.c_contiguous
 
 
-def test_dropout_mask_values_and_rate():
-    rng = np.random.default_rng(0)
-    m = ops.dropout_mask((200, 50, 40), 0.3, rng, np.float32)
-    assert m.dtype == np.float32
-    assert set(np.unique(m).tolist()) == {0.0, np.float32(1 / 0.7)}
-    assert abs((m == 0).mean() - 0.3) < 0.005  # 400,000 draws: 5 sigma is about 0.004
-    assert abs(m.mean() - 1.0) < 0.01  # inverted dropout keeps the expectation
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.9])
+def test_dropout_mask_values_and_rate(p):
+    """The one test of dropout_mask's values (its raw-bit draws against the float definition):
+    0 with probability p, else 1/(1-p) in the requested dtype, the same entries dropped for
+    either dtype from the same Generator state."""
+    m = ops.dropout_mask((200, 50, 40), p, np.random.default_rng(0), np.float32)
+    assert m.dtype == np.float32 and m.shape == (200, 50, 40)
+    assert set(np.unique(m).tolist()) == {0.0, np.float32(1 / (1 - p))}
+    sigma = (p * (1 - p) / m.size) ** 0.5  # 400,000 draws
+    assert abs((m == 0).mean() - p) < 5 * sigma
+    assert abs(m.mean() - 1.0) < 5 * sigma / (1 - p)  # inverted dropout keeps the expectation
+    wide = ops.dropout_mask((200, 50, 40), p, np.random.default_rng(0), np.float64)
+    assert wide.dtype == np.float64
+    np.testing.assert_array_equal(wide == 0, m == 0)
+    np.testing.assert_array_equal(wide[wide != 0], 1.0 / (1.0 - p))
+
+
+def test_dropout_mask_without_dropout_is_all_ones():
+    m = ops.dropout_mask((7, 3, 5), 0.0, np.random.default_rng(0), np.float32)
+    np.testing.assert_array_equal(m, np.ones((7, 3, 5), np.float32))
 
 
 def test_dropout_mask_is_reproducible_from_the_generator_state():

@@ -53,7 +53,7 @@ def ref_logits(spec, params, x, h0=None):
     W_ho, b_o = params["out.W_ho"], params["out.b_o"].reshape(-1, 1)
     out = np.zeros((Tx * Nx, spec.V))
     for n in range(Nx):
-        col = lambda d: [np.zeros((spec.H, 1)) if h0 is None else h0[d][l][n].reshape(-1, 1)  # noqa: E731
+        col = lambda d, n=n: [np.zeros((spec.H, 1)) if h0 is None else h0[d][l][n].reshape(-1, 1)  # noqa: E731
                          for l in range(spec.L)]
         seq = [int(c) for c in x[n]]
         if not spec.bidirectional:

@@ -5,7 +5,7 @@ stacked (L=2), each with a zero or a random carried-in state (the LSTM's h and c
 with fixed dropout masks (p=0.3), and with each form of the per-step products.
 
 The numeric side evaluates the loss in extended precision with a fourth-order stencil
-(charrnn/gradcheck.py says why): with sigmoid gates and three stacked layers some entries are
+(tests/gradcheck.py says why): with sigmoid gates and three stacked layers some entries are
 1e-9 and smaller, below what float64 differences resolve to a relative 1e-6. Entries below
 FLOOR = 1e-10 are held to an absolute error of FLOOR * TOL = 1e-16.
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gradcheck import numeric_gradient, rel_error, worst
 
 from charrnn import cells, model, ops
-from charrnn.gradcheck import numeric_gradient, rel_error, worst
 
 V, H, N, T = 6, 4, 2, 4
 TOL = 1e-6

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gradcheck import numeric_gradient, rel_error, worst
 
 from charrnn import cells, model, ops
-from charrnn.gradcheck import numeric_gradient, rel_error, worst
 
 N, S, V, H, D, K = 2, 3, 6, 5, 4, 3  # batch, steps, vocab, hidden, affine input, affine output
 TOL = 1e-7
@@ -205,19 +205,6 @@ def test_cross_entropy_sum_agrees_with_mean(rng):
 
 
 # ---- dropout (applied by the model, masks from ops.dropout_mask) -------------------------------
-
-def test_dropout_mask_values_and_rate():
-    p = 0.3
-    mask = ops.dropout_mask((200, 50), p, np.random.default_rng(1), np.float64)
-    assert mask.dtype == np.float64
-    values = set(np.unique(mask).tolist())
-    assert values == {0.0, 1.0 / (1.0 - p)}
-    assert abs((mask == 0).mean() - p) < 0.02  # 10,000 draws: std of the rate is ~0.005
-    assert abs(mask.mean() - 1.0) < 0.03  # inverted dropout keeps the expectation
-    again = ops.dropout_mask((200, 50), p, np.random.default_rng(1), np.float32)
-    assert again.dtype == np.float32
-    np.testing.assert_array_equal(again, mask.astype(np.float32))
-
 
 def test_dropout_gradients_through_model(rng):
     """Stacked model with fixed masks: gradients flow through the inter-layer and head masks."""

@@ -2,6 +2,8 @@
 and evaluation release so that RSS does not grow with the corpus."""
 from __future__ import annotations
 
+import mmap
+import os
 import sys
 import tracemalloc
 
@@ -10,6 +12,7 @@ import pytest
 
 from charrnn import batches, checkpoint, corpus, dataset
 from charrnn.config import DataConfig
+from charrnn.errors import DataError
 from charrnn.train import train
 from charrnn.vocab import codepoints
 
@@ -107,8 +110,43 @@ def test_release_pages_unmaps_what_was_read_and_keeps_the_values(write_text):
     assert int(np.sum(ds.train, dtype=np.int64)) == total
 
 
-def test_release_pages_ignores_arrays_that_are_not_mapped():
-    dataset.release_pages(np.arange(10), None, np.zeros(3)[1:])
+def anonymous_pages(n: int) -> tuple[mmap.mmap, np.ndarray]:
+    """n bytes of a private anonymous mapping, written (so resident), as a writable array."""
+    pages = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE) if hasattr(mmap, "MAP_PRIVATE") else mmap.mmap(-1, n)
+    a = np.frombuffer(pages, dtype=np.uint8)
+    a[:] = np.arange(n) % 251 + 1
+    return pages, a
+
+
+@linux_only
+def test_release_pages_ignores_arrays_that_are_not_mapped(write_text):
+    """In-memory arrays, None, and arrays behind a writable mapping (whose pages MADV_DONTNEED
+    would throw away: a private anonymous one reads back as zeros) keep every value, while the
+    corpus mapping passed in the same call is released."""
+    ds = dataset.load(DataConfig(path=str(write_text(letters(1 << 20))), val_fraction=0.0))
+    ids_file = ds.cache_dir / "ids.bin"
+    _, written = anonymous_pages(1 << 20)
+    others = [np.arange(10), np.zeros(3)[1:], np.frombuffer(bytearray(b"abc"), dtype=np.uint8), written]
+    before = [a.copy() for a in others]
+    total = int(np.sum(ds.train, dtype=np.int64))
+    assert mapped_kib(ids_file) > 0
+    dataset.release_pages(*others[:2], None, ds.train[5:9], *others[2:])
+    for a, was in zip(others, before):
+        np.testing.assert_array_equal(a, was)
+    assert mapped_kib(ids_file) == 0  # the one mapping that is the corpus's was released
+    assert int(np.sum(ds.train, dtype=np.int64)) == total
+    dataset.check_mapped(*others)  # nothing to check, and no error (an anonymous mapping has no file)
+
+
+@linux_only
+def test_a_truncated_cache_file_advises_resume_in_each_front_end(write_text):
+    ds = dataset.load(DataConfig(path=str(write_text(letters(10_000))), val_fraction=0.0))
+    os.truncate(ds.cache_dir / "ids.bin", 4096)
+    with pytest.raises(DataError) as info:
+        dataset.check_mapped(ds.train)
+    assert str(info.value).endswith("continues from its last checkpoint with "
+                                    "charrnn.train(config, run_dir=..., resume=True))")
+    assert info.value.render("cli").endswith("continues from its last checkpoint with --resume)")
 
 
 @linux_only

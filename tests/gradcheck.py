@@ -1,4 +1,8 @@
-"""Finite-difference gradient checking, used by the tests.
+"""Finite-difference gradient checking for the tests (test-only: not part of the charrnn package).
+
+Imported as `from gradcheck import ...`: pyproject.toml puts tests/ on pytest's sys.path
+([tool.pytest.ini_options] pythonpath), and running a test file as a script puts its own
+directory there.
 
 The checked function must compute its output from the array it is given: numeric_gradient
 perturbs a private copy and passes it in, so nothing relies on aliasing (the CS231n notebook's
