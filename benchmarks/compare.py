@@ -75,16 +75,18 @@ def main():
                   f"torch {ref['chars_per_sec']:,.0f} chars/s, ratio {pairs[-1]['ratio']:.2f}", file=sys.stderr)
         results[w] = pairs
     Path(a.out).write_text(json.dumps(results, indent=1))
-    print("| workload | charrnn chars/s | PyTorch chars/s | ratio min / median / max | GEMM fraction | peak RSS charrnn / PyTorch (MiB) |")
+    print("| workload | charrnn chars/s | PyTorch chars/s | ratio min / median / max | GEMM fraction | "
+          "peak RSS charrnn / PyTorch (MiB) |")
     print("|---|---|---|---|---|---|")
     for w, pairs in results.items():
         if w.startswith("_"):
             continue
         ratios = [p["ratio"] for p in pairs]
-        med = lambda key, side: statistics.median(p[side][key] for p in pairs)  # noqa: E731
+        med = lambda key, side, pairs=pairs: statistics.median(p[side][key] for p in pairs)  # noqa: E731
         print(f"| {w} | {med('train_chars_per_sec', 'charrnn'):,.0f} | {med('chars_per_sec', 'torch'):,.0f} | "
               f"{min(ratios):.2f} / {statistics.median(ratios):.2f} / {max(ratios):.2f} | "
-              f"{med('gemm_fraction', 'charrnn'):.0%} | {med('peak_rss_mib', 'charrnn'):.0f} / {med('peak_rss_mib', 'torch'):.0f} |")
+              f"{med('gemm_fraction', 'charrnn'):.0%} | "
+              f"{med('peak_rss_mib', 'charrnn'):.0f} / {med('peak_rss_mib', 'torch'):.0f} |")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 Every measurement runs in a fresh interpreter (this script calls itself with --once). A first
 load starts from an empty cache directory; the second load that follows reuses it. Reported:
-`peak_rss_mb`, the process's peak RSS (VmHWM, or getrusage's ru_maxrss where there is no /proc: imports and load); `load_peak_rss_mb`,
+`peak_rss_mb`, the process's peak RSS (VmHWM, or getrusage's ru_maxrss where there is no /proc: imports
+and load); `load_peak_rss_mb`,
 the peak during the load alone (Linux: the peak is reset through /proc/self/clear_refs after the
 imports; elsewhere it equals peak_rss_mb); `rss_before_mb`, the RSS just before the load. The
 corpus is read once beforehand so that every load finds it in the page cache.
