@@ -86,13 +86,13 @@ def check_streams(spec: Spec, itemsize: int, n: int, length: int = 0) -> None:
         per = stream_bytes(spec, itemsize, length)
         raise UsageError(f"{option('num_samples', n)}: at most {limit:,} samples of {option('length', f'{length:,}')} "
                          f"from this model at once (each holds about {per / 1024:,.1f} KiB, {STREAMS_BUDGET >> 20} MiB "
-                         f"in all); run several commands with different {option('seed')} values")
+                         f"in all); draw fewer at a time, each with its own seed")
 
 
 def _unusable() -> NumericalError:
     """The model's next-character distribution is not finite, or has no mass outside the banned symbol."""
     return NumericalError("the model's next-character distribution is not finite (overflowing weights?) or puts all "
-                         "its mass on the unknown symbol; nothing was emitted: check the checkpoint with charrnn eval")
+                         "its mass on the unknown symbol; nothing was emitted: score the checkpoint to see whether it is usable")
 
 
 def pick(logits, u, knobs: Knobs):
