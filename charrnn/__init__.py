@@ -22,6 +22,11 @@ the tests use it, and it may change in any version.
 
 __version__ = "0.1.0"
 
+# first, before anything imports numpy: under an MPI launcher, one BLAS thread count per rank
+from charrnn.distributed import set_thread_defaults as _set_thread_defaults  # imports nothing heavy
+
+_set_thread_defaults()
+
 import inspect as _inspect
 import sys as _sys
 import types as _types

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from charrnn import checkpoint, evaluate
+from charrnn import checkpoint, distributed, evaluate
 from charrnn import config as _config
 from charrnn import model as _model
 from charrnn.config import Config
@@ -253,9 +253,14 @@ def train(config: str | Path | dict | Config | None = None, run_dir: str | Path 
     unfit), RunDirError (run_dir exists, is in use, or cannot be written), TrainingError
     (non-finite training), all subclasses of charrnn.errors.CharRNNError.
     """
-    cfg, target = _plan(config, run_dir, resume, init_from, _strings(sets))
+    comm = distributed.world()  # under an MPI launcher: rank 0 names the run and alone reports
+    cfg, target = comm.together(lambda: _plan(config, run_dir, resume, init_from, _strings(sets)))
     if not (isinstance(progress, bool) or callable(progress)):
         raise UsageError(f"{option('progress', progress)}: must be True, False or a callable(kind, record)")
+    if run_dir is None:
+        target = comm.bcast(target)
+    if comm.rank != 0:
+        progress = False
     reporter = None
     if progress is True:
         from charrnn.progress import Reporter

@@ -43,25 +43,27 @@ def plan_streams(n: int, N: int, T: int) -> tuple[int, int]:
     return N, (n - 1) // N
 
 
-def stream_window(ids, N: int, span: int, T: int, pos: int):
-    """Window at pos of every stream. Returns x (N, T), y (N, T), the next pos, and whether the
-    streams wrapped (pos went back to 0, so the caller resets its hidden state)."""
+def stream_window(ids, N: int, span: int, T: int, pos: int, rows: slice = slice(None)):
+    """Window at pos of every stream (of streams[rows], one process's share, when given).
+    Returns x (n, T), y (n, T), the next pos, and whether the streams wrapped (pos went back to
+    0, so the caller resets its hidden state). Only the chosen streams' text is read."""
     wrapped = pos + T + 1 > span
     if wrapped:
         pos = 0
-    idx = (np.arange(N) * span)[:, None] + pos + np.arange(T + 1)  # (N, T+1)
+    idx = (np.arange(N)[rows] * span)[:, None] + pos + np.arange(T + 1)  # (n, T+1)
     dataset.check_mapped(ids)
     w = np.asarray(ids[idx], dtype=np.intp)  # (N, T+1)
     return w[:, :T], w[:, 1:], pos + T, wrapped
 
 
-def random_windows(ids, N: int, T: int, rng: np.random.Generator):
-    """x (N, T): N windows at random starts (cloze training)."""
+def random_windows(ids, N: int, T: int, rng: np.random.Generator, rows: slice = slice(None)):
+    """x (n, T): windows[rows] of N windows at random starts (cloze training). All N starts are
+    drawn, so a window (and the generator's state) does not depend on which process takes it."""
     n = len(ids)
     if n < T:
         raise DataError(f"the training text has {n} characters but train.seq_len={T} needs at least {T}; "
                         f"lower train.seq_len or use a longer corpus")
-    starts = rng.integers(0, n - T + 1, size=N)
+    starts = rng.integers(0, n - T + 1, size=N)[rows]
     dataset.check_mapped(ids)
     return np.asarray(ids[starts[:, None] + np.arange(T)], dtype=np.intp)  # (N, T)
 
@@ -84,8 +86,9 @@ def eval_streams(n: int) -> tuple[int, int]:
     return B, -(-predictions // B)
 
 
-def eval_stream_windows(ids, T: int):
+def eval_stream_windows(ids, T: int, part: tuple[int, int] = (0, 1)):
     """Yield (x, y, valid) windows over eval_streams' layout, in order; the caller carries state.
+    part (r, K): only the r-th of K contiguous shares of the streams (one process's; maybe none).
 
     x, y (B, Tw) ids with Tw <= T; valid (B, Tw) bool marks real targets (False on padding, whose
     ids are 0). Windows are gathered from ids one at a time, so a memory-mapped text is never
@@ -93,7 +96,9 @@ def eval_stream_windows(ids, T: int):
     """
     n = len(ids)
     B, span = eval_streams(n)
-    starts = (np.arange(B) * span)[:, None]
+    starts = np.array_split(np.arange(B) * span, part[1])[part[0]][:, None]
+    if not len(starts):
+        return
     every = dataset.release_every(B, T)
     for k, t0 in enumerate(range(0, span, T)):
         if k % every == every - 1:
@@ -111,17 +116,22 @@ def _gather_padded(ids, pos: np.ndarray) -> np.ndarray:
     return np.where(inside, np.asarray(ids[np.where(inside, pos, 0)], dtype=np.intp), 0)
 
 
-def eval_cloze_windows(ids, T: int, N: int):
-    """Yield x (B, Tw) batches of consecutive non-overlapping windows; every character once."""
+def eval_cloze_windows(ids, T: int, N: int, part: tuple[int, int] = (0, 1)):
+    """Yield x (B, Tw) batches of consecutive non-overlapping windows; every character once.
+    part (r, K): only every K-th batch from the r-th (one process's share)."""
     full = len(ids) // T
     rows = ids[: full * T].reshape(full, T)  # a view: nothing is copied until a batch is taken
     every = dataset.release_every(N, T)
-    for k, b in enumerate(range(0, full, N)):
+    r, K = part
+    batches = range(0, full, N)
+    for k, b in enumerate(batches):
         if k % every == every - 1:
             dataset.release_pages(ids)
+        if k % K != r:
+            continue
         dataset.check_mapped(ids)
         yield np.asarray(rows[b : b + N], dtype=np.intp)
-    if len(ids) % T:
+    if len(ids) % T and len(batches) % K == r:
         dataset.check_mapped(ids)
         yield np.asarray(ids[full * T :], dtype=np.intp)[None, :]
     dataset.release_pages(ids)

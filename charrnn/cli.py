@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from charrnn import __version__, api, config, dataset, evaluate
+from charrnn import __version__, api, config, dataset, distributed, evaluate
 from charrnn.errors import CharRNNError, DataError, UsageError
 from charrnn.output import Output
 
@@ -28,7 +28,10 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def _fail(e: CharRNNError) -> None:
-    click.echo(f"error: {e.render('cli')}", err=True)
+    if not distributed.quiet_here(e):  # an error every rank of a parallel run has is rank 0's to report
+        click.echo(f"error: {e.render('cli')}", err=True)
+    if distributed.parallel():
+        distributed.leave(e.exit_code)  # MPI_Finalize would wait for ranks that may be gone
     sys.exit(e.exit_code)
 
 
@@ -140,6 +143,8 @@ class _Stopper:
         # os.write, not click.echo: a handler may run while the main thread is inside a
         # buffered write to stderr, and re-entering that buffer raises RuntimeError
         again = "; Ctrl-C again quits at once without saving" if name == "SIGINT" else ""
+        if distributed.parallel() and distributed.world().rank != 0:
+            return  # rank 0 says it for all: the ranks stop at the same step
         try:
             os.write(2, f"\ncharrnn: {name} received: finishing this step and saving last.npz{again}\n".encode())
         except OSError:
@@ -175,6 +180,8 @@ def train(config_path, sets, run_dir, resume_dir, init_from, list_keys):
     summary = api.train(config_path, resume_dir or run_dir, resume=bool(resume_dir), init_from=init_from,
                         progress=True, sets=sets, stop=stopper)
     if summary.interrupted:
+        if distributed.parallel() and distributed.world().rank != 0:
+            sys.exit(SIGNAL_EXIT[summary.interrupted])
         click.echo(f"stopped by {summary.interrupted} at step {summary.steps}; last.npz saved. Continue with:\n"
                    f"  charrnn train --resume {shlex.quote(str(summary.run_dir))}", err=True)
         sys.exit(SIGNAL_EXIT[summary.interrupted])

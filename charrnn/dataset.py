@@ -108,6 +108,32 @@ def load(data: DataConfig) -> Dataset:
     return _build(entry, path, val_path, data)
 
 
+def attach(data: DataConfig, entry: str, source: str, sha256: str) -> Dataset:
+    """The entry another process of the same training run (rank 0) has just built or checked,
+    opened without reading the text or checksumming the id files again: the other ranks of a
+    parallel run read only the windows they train on. The entry must be the one for data's
+    settings and that sha256; if it is not there (rank 0 built it privately), load() instead."""
+    path = Path(entry)
+    try:
+        dir_fd = corpus.open_owned_dir(path)
+    except OSError:
+        return load(data)
+    try:
+        meta = _read_meta(dir_fd)
+        settings = meta.get("settings")
+        if not isinstance(settings, dict) or settings.get("sha256") != sha256:
+            raise _Unusable("made for another text")
+        vocab = _check_meta(meta, settings)
+        ids = _map_checked(dir_fd, path, meta["ids"], meta["chars"], len(vocab), scan=False)
+        val = (_map_checked(dir_fd, path, meta["val"], meta["val"]["chars"], len(vocab), scan=False)
+               if meta["val"] else ids[meta["split"]:])
+    except _Unusable:
+        return load(data)
+    finally:
+        os.close(dir_fd)
+    return Dataset(vocab, ids[: meta["split"]], val if len(val) else None, Path(source), sha256, path, True)
+
+
 def _settings(data: DataConfig, sources: list) -> dict:
     """What an entry depends on: the texts' sha256 and the tokenizer settings."""
     train, val = sources
@@ -498,9 +524,9 @@ class _FileMap(mmap.mmap):
     path: Path
 
 
-def _map_checked(dir_fd: int, entry: Path, spec: dict, count: int, V: int) -> np.ndarray:
+def _map_checked(dir_fd: int, entry: Path, spec: dict, count: int, V: int, scan: bool = True) -> np.ndarray:
     """(count,) ids of an entry's file, mapped read-only, after checking its owner, size, checksum
-    and that every id is below V."""
+    and that every id is below V (the last two only with scan: see attach)."""
     dtype = np.dtype(spec["dtype"])
     try:
         fd = corpus.open_owned_file(dir_fd, spec["file"])
@@ -510,7 +536,7 @@ def _map_checked(dir_fd: int, entry: Path, spec: dict, count: int, V: int) -> np
         size = os.fstat(fd).st_size
         if size != count * dtype.itemsize:
             raise _Unusable(f"{spec['file']} holds {size} bytes, not {count} ids of {dtype.itemsize} bytes")
-        crc, top = _scan(fd, dtype, size)
+        crc, top = _scan(fd, dtype, size) if scan else (spec["crc32"], 0)
         if crc != spec["crc32"]:
             raise _Unusable(f"{spec['file']} does not match its checksum")
         if top >= V:

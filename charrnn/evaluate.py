@@ -41,8 +41,9 @@ class EvalResult(NamedTuple):
         return self._asdict()
 
 
-def score(spec: Spec, params: dict, ids, seq_len: int, batch: int = 32) -> tuple[float, int]:
-    """(sum of -log p over scored characters in float64, number scored).
+def score(spec: Spec, params: dict, ids, seq_len: int, batch: int = 32, part: tuple[int, int] = (0, 1)) -> tuple[float, int]:
+    """(sum of -log p over scored characters in float64, number scored); with part (r, K), of
+    the r-th of K shares of the windows (one process's: the shares' sums add up to the whole).
 
     Windows are sized to hold at most EVAL_BUDGET bytes of activations, whatever seq_len a
     checkpoint's meta gives: a next-char model's windows are shortened (the state is carried, so
@@ -53,7 +54,7 @@ def score(spec: Spec, params: dict, ids, seq_len: int, batch: int = 32) -> tuple
     per_position = position_bytes(spec)
     if spec.bidirectional:
         batch = max(1, min(batch, EVAL_BUDGET // (seq_len * per_position)))
-        for x in batches.eval_cloze_windows(ids, seq_len, batch):
+        for x in batches.eval_cloze_windows(ids, seq_len, batch, part):
             logits, _, _ = forward(spec, params, x)
             total += ops.cross_entropy_sum(logits, targets(x))
             count += x.size
@@ -61,7 +62,7 @@ def score(spec: Spec, params: dict, ids, seq_len: int, batch: int = 32) -> tuple
     h = None
     streams = batches.eval_streams(len(ids))[0]
     seq_len = max(1, min(seq_len, EVAL_BUDGET // (streams * per_position)))
-    for x, y, valid in batches.eval_stream_windows(ids, seq_len):
+    for x, y, valid in batches.eval_stream_windows(ids, seq_len, part):
         logits, h, _ = forward(spec, params, x, h)
         rows = targets(valid)  # (Tw*B,) time-major like the logits
         total += ops.cross_entropy_sum(logits[rows], targets(x, y)[rows])
@@ -78,14 +79,18 @@ def result(total: float, count: int, objective: str, unk_rate: float = 0.0) -> E
     return EvalResult(loss, loss / math.log(2), math.exp(min(loss, 700.0)), count, unk_rate, objective)
 
 
-def evaluate_ids(spec: Spec, params: dict, ids, seq_len: int, unk_rate: float = 0.0) -> EvalResult:
-    """The model's score on ids (N,); DataError for a text too short for its objective."""
+def evaluate_ids(spec: Spec, params: dict, ids, seq_len: int, unk_rate: float = 0.0, comm=None) -> EvalResult:
+    """The model's score on ids (N,); DataError for a text too short for its objective. With
+    comm (distributed.World), each process scores its share and the sums are added up."""
     heap.keep_freed_memory()  # windows reuse the previous window's pages
     if len(ids) < (1 if spec.bidirectional else 2):
         raise DataError(f"the text has {len(ids)} characters; a {spec.objective} model needs at least "
                         f"{1 if spec.bidirectional else 2} to score")
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by result(), once
-        return result(*score(spec, params, ids, seq_len), spec.objective, unk_rate)
+        if comm is None or comm.size == 1:
+            return result(*score(spec, params, ids, seq_len), spec.objective, unk_rate)
+        total, count = comm.sum_floats(*score(spec, params, ids, seq_len, part=(comm.rank, comm.size)))
+        return result(total, int(count), spec.objective, unk_rate)
 
 
 def encode_file(path: Path, vocab: Vocab, encoding: str, scratch: Path | None = None) -> tuple[np.ndarray, float]:

@@ -60,14 +60,14 @@ def evaluate_now(ctx: Context, state: TrainState, report: Report) -> tuple[dict,
     val = ctx.data.val
     if ctx.cfg.train.eval_chars:
         val = val[: ctx.cfg.train.eval_chars + 1]
-    res = evaluate.evaluate_ids(ctx.spec, state.params, val, ctx.cfg.train.seq_len)
+    res = evaluate.evaluate_ids(ctx.spec, state.params, val, ctx.cfg.train.seq_len, comm=ctx.comm)  # split over the processes
     record = {"val_loss": res.loss, "val_bpc": res.bpc,
               **diagnose.grad_health(ctx.spec, state.params, state.eval_acc.to_json())}
     state.eval_acc = GradSums()
     improved = state.best_val_loss is None or res.loss < state.best_val_loss
     if improved:
         state.best_val_loss, state.best_step = res.loss, state.step
-    if not ctx.spec.bidirectional and ctx.cfg.train.sample_chars:
+    if not ctx.spec.bidirectional and ctx.cfg.train.sample_chars and ctx.comm.rank == 0:
         _write_sample(ctx, state, report)
     return record, improved
 
@@ -91,6 +91,8 @@ def after_step(ctx: Context, state: TrainState, result: StepResult, clock: Clock
     at_end = step == cfg.max_steps
     do_eval = ctx.data.val is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or at_end)
     improved = False
+    if ctx.comm.size > 1 and cfg.eval_every and step % cfg.eval_every == 0:
+        ctx.comm.check_same(state.theta)
     if step % cfg.log_every == 0 or do_eval or at_end:
         record = log_record(ctx, state, result, now - clock.interval, elapsed)
         clock.interval = now
@@ -108,6 +110,10 @@ def after_step(ctx: Context, state: TrainState, result: StepResult, clock: Clock
 
 
 def _append(ctx: Context, record: dict) -> None:
+    ctx.comm.root_does(lambda: _append_here(ctx, record))
+
+
+def _append_here(ctx: Context, record: dict) -> None:
     try:
         runlog.append_metrics(ctx.run, record)
     except OSError as e:
@@ -122,7 +128,8 @@ def _periodic(ctx: Context, state: TrainState, elapsed: float, report: Report) -
     if ctx.cfg.train.keep_last:
         save(ctx, state, ctx.run.periodic(state.step), elapsed)
         try:
-            runlog.prune_periodic(ctx.run, ctx.cfg.train.keep_last)
+            if ctx.comm.rank == 0:
+                runlog.prune_periodic(ctx.run, ctx.cfg.train.keep_last)
         except OSError as e:
             report("warning", {"message": f"cannot delete old periodic checkpoints in {ctx.run.checkpoints}: "
                                           f"{e.strerror or e}; they are kept"})

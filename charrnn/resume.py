@@ -64,16 +64,33 @@ def training_meta(ctx: Context, state: TrainState, elapsed: float) -> dict:
             "charrnn_version": __version__, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def write(ctx: Context, state: TrainState, path: Path, elapsed: float) -> None:
-    """Write state to the checkpoint at path (OSError when the file system refuses)."""
+def write(ctx: Context, state: TrainState, path: Path, elapsed: float, h: dict | None = None) -> None:
+    """Write state to the checkpoint at path (OSError when the file system refuses); h: the
+    carried state of all N streams (default state.h: one process holds them all)."""
     checkpoint.save(path, state.params, training_meta(ctx, state, elapsed),
-                    {slot: ctx.layout.views(flat) for slot, flat in state.opt.items()}, state.h)
+                    {slot: ctx.layout.views(flat) for slot, flat in state.opt.items()}, state.h if h is None else h)
+
+
+def full_state(ctx: Context, state: TrainState) -> dict | None:
+    """The carried state of all N streams: with several processes each holds its rows, gathered
+    here on rank 0 (None elsewhere), so the checkpoint is the one a single process writes.
+    Collective: every rank calls it at the same step."""
+    if state.h is None or ctx.comm.size == 1:
+        return state.h
+    full = {d: [ctx.comm.gather_rows(a) for a in layers] for d, layers in state.h.items()}
+    return full if ctx.comm.rank == 0 else None
 
 
 def save(ctx: Context, state: TrainState, path: Path, elapsed: float) -> None:
-    """write(), with a failure as a one-line CheckpointError (the file keeps its previous content)."""
+    """write(), with a failure as a one-line CheckpointError (the file keeps its previous content).
+    With several processes every rank calls it; rank 0 writes, and its failure is raised on all."""
+    h = full_state(ctx, state)
+    ctx.comm.root_does(lambda: _save(ctx, state, path, elapsed, h))
+
+
+def _save(ctx: Context, state: TrainState, path: Path, elapsed: float, h: dict | None) -> None:
     try:
-        write(ctx, state, path, elapsed)
+        write(ctx, state, path, elapsed, h)
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; {path.name} was not changed. "
                               f"Free some space (or fix the permissions), then continue with "
@@ -154,7 +171,8 @@ def restore_state(ctx: Context, ck: checkpoint.Checkpoint) -> TrainState:
     except (KeyError, TypeError, ValueError, OverflowError):
         raise CheckpointError(f"{ck.path}: its random generator state is invalid, so the run cannot be resumed "
                               f"exactly; start a new run from its weights with {option('init_from', ck.path)}") from None
-    state.h = ck.state or None
+    # this process's rows of the carried state (all of them with one process)
+    state.h = {d: [a[ctx.rows] for a in layers] for d, layers in ck.state.items()} if ck.state else None
     for key in _COUNTERS:
         setattr(state, key, meta[key])
     state.elapsed_before = meta["elapsed_s"]

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from charrnn import batches, config, dataset, model, optim, runlog
+from charrnn import batches, config, dataset, distributed, model, optim, runlog
 from charrnn.config import Config
 from charrnn.errors import TrainingError, option
 
@@ -130,6 +130,7 @@ class TrainState:
     acc: IntervalSums = field(default_factory=IntervalSums)  # sums over the current logging interval
     eval_acc: GradSums = field(default_factory=GradSums)  # gradient sums since the last evaluation
     backup: Backup | None = None  # scratch copies for an all-or-nothing update (not saved)
+    agreed_stop: str | None = None  # the stop reason the ranks agreed on in the last step (not saved)
 
 
 @dataclass(frozen=True)
@@ -145,12 +146,14 @@ class Context:
     span: int  # stream length (next-char) or 0 (cloze)
     decay_mask: np.ndarray | None  # 1 where weight decay applies (None: no decay)
     dtype: np.dtype  # of parameters and optimizer state
+    comm: distributed.Solo = field(default_factory=distributed.Solo)  # the processes training together (distributed.py)
+    rows: slice = field(default_factory=lambda: slice(None))  # this process's streams (windows) of the N: all with one process
 
 
 # ---- setting up -------------------------------------------------------------------------------
 
 def build_context(cfg: Config, data: dataset.Dataset, run: runlog.RunDir | None = None,
-                  report: Report = no_report) -> Context:
+                  report: Report = no_report, comm: distributed.Solo | None = None) -> Context:
     """The fixed part of a run of cfg on data. The batch size is lowered (with a warning) when the
     training text is too short for it, and evaluation dropped when the validation text is: the
     context's cfg is the one the run uses."""
@@ -171,7 +174,9 @@ def build_context(cfg: Config, data: dataset.Dataset, run: runlog.RunDir | None 
     dtype = np.dtype(cfg.train.dtype)
     layout = optim.Layout.of(model.param_shapes(spec))
     decay = layout.mask(lambda n: ".W_" in n, dtype) if cfg.train.weight_decay > 0 else None
-    return Context(cfg, data, run, layout, spec, N, span, decay, dtype)
+    comm = comm or distributed.Solo()
+    rows = comm.rows(N)  # ConfigError when the processes do not divide the batch, before any work
+    return Context(cfg, data, run, layout, spec, N, span, decay, dtype, comm, rows)
 
 
 def fresh_state(ctx: Context, init_params: dict | None = None) -> TrainState:
@@ -210,49 +215,64 @@ def _batch(ctx: Context, state: TrainState):
     if state.step % dataset.release_every(ctx.N, T) == 0:  # keep RSS independent of the corpus size
         dataset.release_pages(ctx.data.train)
     if ctx.spec.bidirectional:
-        return batches.random_windows(ctx.data.train, ctx.N, T, state.rng), None
-    x, y, state.pos, wrapped = batches.stream_window(ctx.data.train, ctx.N, ctx.span, T, state.pos)
+        return batches.random_windows(ctx.data.train, ctx.N, T, state.rng, ctx.rows), None
+    x, y, state.pos, wrapped = batches.stream_window(ctx.data.train, ctx.N, ctx.span, T, state.pos, ctx.rows)
     if wrapped:
         state.h = None
     return x, y
 
 
-def train_step(ctx: Context, state: TrainState) -> StepResult:
+def train_step(ctx: Context, state: TrainState, vote=None) -> StepResult:
     """One optimizer step; returns its numbers. A non-finite loss or gradient applies no update.
+
+    With several processes, each computes its streams' share of the gradient of the global mean
+    loss and one Allreduce sums the shares (distributed.World.reduce_step): clipping, the skip
+    decision and the update see the same global numbers everywhere. vote() (the local stop
+    reason) rides in the same buffer; the agreed reason lands in state.agreed_stop.
 
     All or nothing: an exception inside the step (MemoryError; Ctrl-C when called as a library)
     leaves the state as it was before it, so the checkpoint written next resumes exactly.
     """
     undo = (state.pos, state.h, state.rng.bit_generator.state)
     try:
-        return _step(ctx, state)
+        return _step(ctx, state, vote)
     except BaseException:
         state.pos, state.h = undo[:2]
         state.rng.bit_generator.state = undo[2]
         raise
 
 
-def _step(ctx: Context, state: TrainState) -> StepResult:
+def _masks(ctx: Context, state: TrainState):
+    """Dropout masks of this process's streams: drawn for all N, so a stream's mask (and the
+    generator's state) does not depend on how many processes share the batch."""
+    masks = model.dropout_masks(ctx.spec, ctx.N, ctx.cfg.train.seq_len, ctx.cfg.model.dropout, state.rng, ctx.dtype)
+    if masks is None or ctx.comm.size == 1:
+        return masks
+    return {k: np.ascontiguousarray(m[:, ctx.rows]) for k, m in masks.items()}  # (S, N/K, H)
+
+
+def _step(ctx: Context, state: TrainState, vote=None) -> StepResult:
     cfg = ctx.cfg.train
     x, y = _batch(ctx, state)
-    masks = model.dropout_masks(ctx.spec, ctx.N, cfg.seq_len, ctx.cfg.model.dropout, state.rng, ctx.dtype)
+    masks = _masks(ctx, state)
     with np.errstate(all="ignore"):  # overflow shows up as a non-finite loss or norm, checked below
         result = model.loss_and_grads(ctx.spec, state.params, x, y, state.h, masks)
         g = ctx.layout.flatten(result.grads, ctx.dtype)
+        g, loss, state.agreed_stop = ctx.comm.reduce_step(g, result.loss, x.shape[0] / ctx.N, vote() if vote else None)
         norm, clipped = optim.clip(g, cfg.clip_norm, cfg.clip_value)
     lr = optim.lr_at(state.step, cfg)
-    finite = math.isfinite(result.loss) and math.isfinite(norm)
+    finite = math.isfinite(loss) and math.isfinite(norm)
     overflow = False
     if finite:
         if _update(ctx, state, g, lr):
             state.updates += 1
             state.h = None if ctx.spec.bidirectional else result.h_last
-            state.last_finite_loss = result.loss
+            state.last_finite_loss = loss
         else:  # finite gradient, but the step would overflow the parameters: rejected the same way
             finite, overflow = False, True
     state.step += 1
-    state.chars_seen += x.size
-    return StepResult(result.loss, norm, clipped, lr, finite, overflow)
+    state.chars_seen += ctx.N * cfg.seq_len
+    return StepResult(loss, norm, clipped, lr, finite, overflow)
 
 
 def _update(ctx: Context, state: TrainState, g: np.ndarray, lr: float) -> bool:
