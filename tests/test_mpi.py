@@ -131,6 +131,37 @@ def test_same_metrics_as_one_process(runs):
                                                                             rel=1e-12)
 
 
+# A NaN loss on one rank only, at its 7th step (in one process: at the 7th step), with
+# on_nonfinite=skip: every rank must skip that same step.
+NAN_ON_ONE_RANK = """
+import json, math, os, sys
+import charrnn, charrnn.model as m
+rank, calls, real = int(os.environ.get("PMI_RANK", "0")), [0], m.loss_and_grads
+def loss_and_grads(*args, **kwargs):
+    result = real(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == 7 and rank == int(sys.argv[3]):
+        return result._replace(loss=math.nan)
+    return result
+m.loss_and_grads = loss_and_grads
+charrnn.train(None, sys.argv[1], sets=json.loads(sys.argv[2]))
+"""
+
+
+def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path):
+    corpus = tmp_path / "words.txt"
+    corpus.write_text(WORDS, encoding="utf-8")
+    sets = json.dumps(_sets(corpus, "train.on_nonfinite=skip", "train.max_steps=20"))
+    for name, launch, bad_rank in (("one", [], "0"), ("two", [MPIEXEC, "-n", "2"], "1")):
+        proc = subprocess.run([*launch, sys.executable, "-c", NAN_ON_ONE_RANK, str(tmp_path / name), sets, bad_rank],
+                              env=_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    skips = [[json.loads(line).get("skips") for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+             for name in ("one", "two")]
+    assert skips[0] == skips[1] and skips[0][-1] == 1  # the same single step skipped
+    assert _max_diff(tmp_path / "one", tmp_path / "two") <= 1e-12  # and the same parameters after it
+
+
 # ---- refusals and start-up ------------------------------------------------------------------------
 
 def test_processes_must_divide_the_batch(tmp_path):
