@@ -37,8 +37,17 @@ class StepResult(NamedTuple):
     overflow: bool  # finite gradient, but the update would have overflowed the parameters
 
 
+class _Sums:
+    """What IntervalSums and GradSums share: reading back the mapping their to_json writes."""
+
+    @classmethod
+    def from_json(cls, d: dict):
+        """The sums from their checkpoint mapping, whose absent keys are zero."""
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
 @dataclass
-class IntervalSums:
+class IntervalSums(_Sums):
     """Sums over the current logging interval; saved in checkpoint meta as "acc" (to_json)."""
 
     steps: int = 0  # steps taken in the interval
@@ -68,13 +77,10 @@ class IntervalSums:
             out.update(loss_sum=self.loss_sum, finite=self.finite, norm_max=self.norm_max)
         return out
 
-    @classmethod
-    def from_json(cls, d: dict) -> IntervalSums:
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
 @dataclass
-class GradSums:
+class GradSums(_Sums):
     """Gradient sums since the last evaluation (diagnose.grad_health); checkpoint meta "eval_acc"."""
 
     steps: int = 0  # steps since the last evaluation
@@ -98,9 +104,6 @@ class GradSums:
             out.update(finite=self.finite, norm_sum=self.norm_sum, norm_max=self.norm_max)
         return out
 
-    @classmethod
-    def from_json(cls, d: dict) -> GradSums:
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
 @dataclass

@@ -170,14 +170,12 @@ def run_module(*args, timeout: float = 120, **kwargs) -> subprocess.CompletedPro
                           env=env(), cwd=REPO, timeout=timeout, **kwargs)
 
 
-class Child:
-    """A `python -m charrnn ...` (or `python -c CODE`) child whose stderr is read line by line
-    on a thread, so a test can wait for a line to appear without polling or sleeping."""
+class StderrLines:
+    """A child process whose stderr is read line by line on a thread, so a test can wait for a
+    line to appear without polling or sleeping."""
 
-    def __init__(self, *args, code: str | None = None, **kwargs):
-        cmd = [sys.executable, "-c", code, *map(str, args)] if code else [sys.executable, "-m", "charrnn", *map(str, args)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env(), cwd=REPO, **kwargs)
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
         self.lines: list[str] = []
         self._queue: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -214,8 +212,18 @@ class Child:
             if line is not None:
                 self.lines.append(line)
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            stream.close()
+            if stream is not None:
+                stream.close()
         return code, "".join(self.lines)
+
+
+class Child(StderrLines):
+    """A `python -m charrnn ...` (or `python -c CODE`) child, its stderr read line by line."""
+
+    def __init__(self, *args, code: str | None = None, **kwargs):
+        cmd = [sys.executable, "-c", code, *map(str, args)] if code else [sys.executable, "-m", "charrnn", *map(str, args)]
+        super().__init__(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, env=env(), cwd=REPO, **kwargs))
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from faults import StderrLines
 
 pytest.importorskip("mpi4py")
 MPIEXEC = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -203,7 +201,7 @@ def test_thread_defaults():
 
 # ---- faults -------------------------------------------------------------------------------------
 
-class Ranks:
+class Ranks(StderrLines):
     """`mpiexec -n 2 sh -c 'python -m charrnn train ...; echo $? > rc.<rank>'`: each rank's exit
     code is kept, and its stderr is read line by line so a test can wait for a line."""
 
@@ -216,25 +214,8 @@ class Ranks:
         cmd = (f'if [ "$PMI_RANK" = "{bare}" ]; then exec {charrnn}; fi; trap "" USR1; {charrnn}; '
                'echo $? > "$RC_DIR/rc.$PMI_RANK"')
         env = {**_env(), "RC_DIR": str(tmp_path)}  # CHARRNN_CACHE_DIR: the test's own (conftest)
-        self.proc = subprocess.Popen([MPIEXEC, *mpiexec_args, "-n", "2", "sh", "-c", cmd], env=env, text=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.lines: queue.Queue = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stderr:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def wait_for(self, text: str, timeout: float = 60) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            assert line is not None, "".join(self.seen)
-            self.seen.append(line)
-            if text in line:
-                return line
+        super().__init__(subprocess.Popen([MPIEXEC, *mpiexec_args, "-n", "2", "sh", "-c", cmd], env=env, text=True,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
 
     def pids(self) -> dict:
         """rank -> pid of each rank's python process (found by its launcher environment)."""
@@ -252,12 +233,10 @@ class Ranks:
         return found
 
     def finish(self, timeout: float = 60) -> tuple[dict, str]:
-        self.proc.wait(timeout=timeout)
-        while (line := self.lines.get(timeout=timeout)) is not None:
-            self.seen.append(line)
-        self.proc.stderr.close()
+        """({rank: exit code}, all of stderr) once mpiexec has exited."""
+        _, stderr = super().finish(timeout)
         codes = {int(p.name.split(".")[1]): int(p.read_text()) for p in self.dir.glob("rc.*")}
-        return codes, "".join(self.seen)
+        return codes, stderr
 
 
 def _train_args(tmp_path: Path, *extra) -> list:
