@@ -64,6 +64,8 @@ class ModelConfig:
     num_layers: int = _f(1, "L: stacked layers; layer l reads layer l-1's h_t", ge=1, le=64)
     bidirectional: bool = _f(False, "two towers, one per direction: a gap-filling (cloze) model, not a next-char one")
     dropout: float = _f(0.0, "inverted dropout between layers and before the output; off at evaluation", ge=0.0, lt=1.0)
+    weight_drop: float = _f(0.0, "DropConnect on each W_hh: one mask per step for all streams and time steps "
+                                 "(AWD-LSTM); off at evaluation", ge=0.0, lt=1.0)
     init_scale: float = _f(1.0, "multiplies the 1/sqrt(fan_in) init; each W_hh block starts as a scaled orthogonal matrix",
                            gt=0.0, le=100.0)
 

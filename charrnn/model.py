@@ -120,15 +120,36 @@ def zero_state(spec: Spec, N: int, dtype=np.float32) -> dict:
     return {d: [np.zeros((N, spec.state_size), dtype=dtype) for _ in range(spec.L)] for d in spec.dirs}
 
 
-def dropout_masks(spec: Spec, N: int, T: int, p: float, rng: np.random.Generator, dtype=np.float32):
-    """Masks for one step: between layers of each tower and on the head's input. None when p = 0."""
-    if p == 0:
+def dropout_masks(spec: Spec, N: int, T: int, p: float, rng: np.random.Generator, dtype=np.float32,
+                  weight_drop: float = 0.0):
+    """Masks for one step, None when p and weight_drop are both 0.
+
+    p: on the activations between layers of each tower ("layers.{l}.{d}", (S, N, H)) and on the
+    head's input ("out", (T, N, H*dirs)). weight_drop: DropConnect on every recurrent matrix
+    ("layers.{l}.{d}.W_hh", the shape of W_hh), one mask shared by all streams and time steps of
+    the window, so the recurrence is regularized without a new mask at every step (Wan et al.
+    2013; Merity et al. 2018, AWD-LSTM). The W_hh masks are drawn after the others: a run without
+    weight drop draws exactly what it drew before the option existed.
+    """
+    masks = {}
+    if p > 0:
+        S = T - 1 if spec.bidirectional else T
+        masks.update({f"layers.{l}.{d}": ops.dropout_mask((S, N, spec.H), p, rng, dtype)
+                      for d in spec.dirs for l in range(spec.L - 1)})
+        masks["out"] = ops.dropout_mask((T, N, spec.H * len(spec.dirs)), p, rng, dtype)
+    if weight_drop > 0:
+        shape = spec.unit.param_shapes(spec.H, spec.H)["W_hh"]
+        masks.update({f"layers.{l}.{d}.W_hh": ops.dropout_mask(shape, weight_drop, rng, dtype)
+                      for d in spec.dirs for l in range(spec.L)})
+    return masks or None
+
+
+def stream_masks(masks: dict | None, rows: slice) -> dict | None:
+    """The masks of the streams in rows (one process's share): activation masks are sliced, the
+    W_hh masks are shared by every stream and stay whole."""
+    if masks is None:
         return None
-    S = T - 1 if spec.bidirectional else T
-    masks = {f"layers.{l}.{d}": ops.dropout_mask((S, N, spec.H), p, rng, dtype)
-             for d in spec.dirs for l in range(spec.L - 1)}
-    masks["out"] = ops.dropout_mask((T, N, spec.H * len(spec.dirs)), p, rng, dtype)
-    return masks
+    return {k: m if k.endswith(".W_hh") else np.ascontiguousarray(m[:, rows]) for k, m in masks.items()}
 
 
 def layer_params(params: dict, l: int, d: str) -> dict:
@@ -143,6 +164,7 @@ class LayerCache(NamedTuple):
     input: object  # ops.LookupCache (layer 0) or ops.AffineCache
     cell: object  # the cell's own cache
     mask: object  # (S, N, H) dropout mask on this layer's output, or None
+    w_mask: object  # (G*H, H) DropConnect mask the recurrence's W_hh was multiplied by, or None
 
 
 def tower_forward(spec: Spec, params, d: str, ids, s0: list, masks):
@@ -158,11 +180,14 @@ def tower_forward(spec: Spec, params, d: str, ids, s0: list, masks):
             # explicit widths: a cloze tower of an edge window runs S = 0 steps, and -1 cannot be inferred from size 0
             pre, in_cache = ops.affine_forward(inp.reshape(S * N, inp.shape[-1]), p["W_xh"], p["b_h"])
             pre = pre.reshape(S, N, p["W_xh"].shape[0])  # (S, N, G*H)
+        w_mask = masks.get(f"layers.{l}.{d}.W_hh") if masks else None
+        if w_mask is not None:  # the window's recurrence runs on a thinned copy; params stay as they are
+            p = {**p, "W_hh": p["W_hh"] * w_mask}  # (G*H, H)
         hs, last, cell_cache = spec.unit.forward(pre, s0[l], p)  # (S+1, N, H), (N, k*H)
         s_last.append(last)
         mask = masks.get(f"layers.{l}.{d}") if masks and l < spec.L - 1 else None
         inp = hs[1:] * mask if mask is not None else hs[1:]  # (S, N, H) input of layer l+1
-        layer_caches.append(LayerCache(in_cache, cell_cache, mask))
+        layer_caches.append(LayerCache(in_cache, cell_cache, mask, w_mask))
     return hs, s_last, layer_caches
 
 
@@ -175,6 +200,8 @@ def tower_backward(spec: Spec, dh_top, d: str, layer_caches, keep: bool = False)
         prefix = f"layers.{l}.{d}."
         c = layer_caches[l]
         dpre, ds0[l], cell_grads, kept[l] = spec.unit.backward(dh, c.cell, keep)
+        if c.w_mask is not None:  # W_hh entered as W_hh * mask: its gradient passes the same mask
+            cell_grads = {**cell_grads, "W_hh": cell_grads["W_hh"] * c.w_mask}
         grads.update({prefix + k: g for k, g in cell_grads.items()})
         S, N, GH = dpre.shape
         if l == 0:

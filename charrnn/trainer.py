@@ -248,10 +248,9 @@ def train_step(ctx: Context, state: TrainState, vote=None) -> StepResult:
 def _masks(ctx: Context, state: TrainState):
     """Dropout masks of this process's streams: drawn for all N, so a stream's mask (and the
     generator's state) does not depend on how many processes share the batch."""
-    masks = model.dropout_masks(ctx.spec, ctx.N, ctx.cfg.train.seq_len, ctx.cfg.model.dropout, state.rng, ctx.dtype)
-    if masks is None or ctx.comm.size == 1:
-        return masks
-    return {k: np.ascontiguousarray(m[:, ctx.rows]) for k, m in masks.items()}  # (S, N/K, H)
+    m = ctx.cfg.model
+    masks = model.dropout_masks(ctx.spec, ctx.N, ctx.cfg.train.seq_len, m.dropout, state.rng, ctx.dtype, m.weight_drop)
+    return masks if ctx.comm.size == 1 else model.stream_masks(masks, ctx.rows)
 
 
 def _step(ctx: Context, state: TrainState, vote=None) -> StepResult:

@@ -2,7 +2,8 @@
 
 Cells: rnn, lstm, gru. Kinds: one layer (L=1), stacked (L=3), bidirectional (L=1), bidirectional
 stacked (L=2), each with a zero or a random carried-in state (the LSTM's h and c) and without or
-with fixed dropout masks (p=0.3), and with each form of the per-step products.
+with fixed dropout masks (p=0.3, and DropConnect masks on every W_hh, weight_drop=0.3), and with
+each form of the per-step products.
 
 The numeric side evaluates the loss in extended precision with a fourth-order stencil
 (tests/gradcheck.py says why): with sigmoid gates and three stacked layers some entries are
@@ -48,7 +49,7 @@ def make_case(cell: str, kind: str, carried: bool, dropout: bool, seed: int = 0)
     x = rng.integers(0, V, size=(N, T))
     y = None if bidirectional else rng.integers(0, V, size=(N, T))
     h0 = {d: [rng.normal(scale=0.5, size=(N, spec.state_size)) for _ in range(L)] for d in spec.dirs} if carried else None
-    masks = model.dropout_masks(spec, N, T, 0.3, rng, np.float64) if dropout else None
+    masks = model.dropout_masks(spec, N, T, 0.3, rng, np.float64, weight_drop=0.3) if dropout else None
     return spec, params, x, y, h0, masks
 
 

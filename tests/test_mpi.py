@@ -35,6 +35,7 @@ KINDS = {
     "dropout": ("model.num_layers=2", "model.dropout=0.2"),
     "lstm": ("model.cell=lstm",),
     "gru": ("model.cell=gru", "model.dropout=0.1"),
+    "lstm-weight-drop": ("model.cell=lstm", "model.num_layers=2", "model.dropout=0.1", "model.weight_drop=0.2"),
     "vanilla-float32": ("train.dtype=float32",),
 }
 RESUMED = ("model.cell=lstm", "model.num_layers=2", "model.dropout=0.1")  # carried [h | c] of two layers, masks

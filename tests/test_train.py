@@ -42,6 +42,8 @@ CASES = {
     "gru-float32-2-layers": ("model.cell=gru", "model.num_layers=2"),
     "gru-float64-dropout": ("model.cell=gru", "train.dtype=float64", "model.dropout=0.3"),
     "lstm-cloze-float64": ("model.cell=lstm", "model.bidirectional=true", "train.dtype=float64"),
+    "lstm-float32-weight-drop-2-layers": ("model.cell=lstm", "model.weight_drop=0.3", "model.dropout=0.2",
+                                          "model.num_layers=2"),
 }
 
 
