@@ -109,11 +109,11 @@ def _load_data(cfg: Config, comm: distributed.Solo):
         return lambda: loaded
     attached = []
 
-    def data():
+    def attach_once():
         if not attached:
             attached.append(dataset.attach(cfg.data, *entry))
         return attached[0]
-    return data
+    return attach_once
 
 
 def _continue(cfg: Config, run: runlog.RunDir, data, report: Report, comm: distributed.Solo):
