@@ -9,8 +9,9 @@ TEXT = "the quick brown fox jumps over the lazy dog.\n" * 40
 
 def test_ctrl_c_while_sampling_exits_130_with_one_line(faults, shared_run):
     run = shared_run(TEXT)
-    child = faults.Child("sample", run, "--length", "100000000", "-n", "2")
-    child.wait_for("seed")  # printed before the first character is generated
+    child = faults.Child("sample", run, "--length", "100000000", "--seed", "3")
+    # text on stdout: the sampler is generating (a signal sent at "seed" could land before the first step)
+    assert len(child.proc.stdout.read(200)) == 200
     child.proc.send_signal(signal.SIGINT)
     rc, err = child.finish()
     assert rc == 130, err
