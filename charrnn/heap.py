@@ -8,7 +8,10 @@ one on first touch: hundreds of minor page faults a step, a noticeable share of 
 (`tests/test_heap.py` counts the faults; benchmarks/README.md has the numbers).
 
 Telling malloc to keep large blocks in the heap (M_MMAP_THRESHOLD) and not to give the top of
-the heap back (M_TRIM_THRESHOLD) makes every step after the first reuse the same pages. The
+the heap back (M_TRIM_THRESHOLD) makes every step after the first reuse the same pages. Worker
+threads (train.threads, parallel.py) would each get an arena of their own, whose heaps glibc
+trims regardless (about 1,300 page faults a W7 step, which cost more than the threads gain), so
+one arena serves every thread (M_ARENA_MAX): a step makes few, large allocations. The
 cost is that the process keeps its peak heap until it exits instead of returning it between
 steps; peak RSS is unchanged, since a step needs that memory again a moment later.
 
@@ -24,6 +27,7 @@ import platform
 
 M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's <malloc.h>
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # the largest value glibc accepts on 64-bit (HEAP_MAX_SIZE / 2)
 TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of freed heap top: more than any step's temporaries
 
@@ -39,7 +43,8 @@ def keep_freed_memory() -> bool:
     """
     global _applied
     if _applied is None:
-        _applied = _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and _mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        _applied = (_mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and _mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+                    and _mallopt(M_ARENA_MAX, 1))
     return _applied
 
 

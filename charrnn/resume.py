@@ -22,7 +22,7 @@ from charrnn.trainer import Context, GradSums, IntervalSums, TrainState, fresh_s
 # keys a resumed run may change; everything else must match the run's config
 RESUMABLE_KEYS = ("train.max_steps", "train.eval_every", "train.eval_chars", "train.log_every",
                   "train.checkpoint_every", "train.keep_last", "train.sample_chars",
-                  "train.on_nonfinite", "train.max_skips", "data.cache_dir", "name")
+                  "train.on_nonfinite", "train.max_skips", "train.threads", "data.cache_dir", "name")
 
 
 def _is_below(v, bound: int) -> bool:

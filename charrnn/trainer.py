@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from charrnn import batches, config, dataset, distributed, model, optim, runlog
+from charrnn import batches, config, dataset, distributed, model, optim, parallel, runlog
 from charrnn.config import Config
 from charrnn.errors import TrainingError, option
 
@@ -151,6 +151,7 @@ class Context:
     dtype: np.dtype  # of parameters and optimizer state
     comm: distributed.Solo = field(default_factory=distributed.Solo)  # the processes training together (distributed.py)
     rows: slice = field(default_factory=lambda: slice(None))  # this process's streams (windows) of the N: all with one process
+    workers: parallel.Workers | None = None  # threads that split this process's streams (train.threads > 1)
 
 
 # ---- setting up -------------------------------------------------------------------------------
@@ -179,7 +180,9 @@ def build_context(cfg: Config, data: dataset.Dataset, run: runlog.RunDir | None 
     decay = layout.mask(lambda n: ".W_" in n, dtype) if cfg.train.weight_decay > 0 else None
     comm = comm or distributed.Solo()
     rows = comm.rows(N)  # ConfigError when the processes do not divide the batch, before any work
-    return Context(cfg, data, run, layout, spec, N, span, decay, dtype, comm, rows)
+    threads = min(cfg.train.threads, len(range(N)[rows]))
+    workers = parallel.Workers(threads) if threads > 1 else None
+    return Context(cfg, data, run, layout, spec, N, span, decay, dtype, comm, rows, workers)
 
 
 def fresh_state(ctx: Context, init_params: dict | None = None) -> TrainState:
@@ -254,13 +257,47 @@ def _masks(ctx: Context, state: TrainState):
 
 
 def _step(ctx: Context, state: TrainState, vote=None) -> StepResult:
+    # with worker threads, BLAS runs single-threaded in each of them (parallel.py)
+    with parallel.blas_threads(1 if ctx.workers else None):
+        return _step_body(ctx, state, vote)
+
+
+def _local_grads(ctx: Context, state: TrainState, x, y, masks):
+    """(flat gradient, loss, carried state) of this process's streams: one call to the model, or
+    one per group of streams on ctx.workers, weighted by the group's share of the streams."""
+    if ctx.workers is None:
+        result = model.loss_and_grads(ctx.spec, state.params, x, y, state.h, masks)
+        return ctx.layout.flatten(result.grads, ctx.dtype), result.loss, result.h_last
+    n = x.shape[0]
+
+    def group(rows: slice):
+        h = None if state.h is None else {d: [s[rows] for s in layers] for d, layers in state.h.items()}
+        result = model.loss_and_grads(ctx.spec, state.params, x[rows], None if y is None else y[rows], h,
+                                      model.stream_masks(masks, rows))
+        share = (rows.stop - rows.start) / n
+        g = ctx.layout.flatten(result.grads, ctx.dtype)
+        g *= g.dtype.type(share)
+        return g, result.loss * share, result.h_last
+
+    parts = ctx.workers.map(group, parallel.groups(slice(0, n), n, ctx.workers.n))
+    g = parts[0][0]
+
+    def add_others(cut: slice):  # the groups' gradients summed in group order, each thread a part of g
+        for other, _, _ in parts[1:]:
+            g[cut] += other[cut]
+
+    ctx.workers.map(add_others, parallel.groups(slice(0, g.size), g.size, ctx.workers.n))
+    h_last = {d: [np.concatenate([p[2][d][l] for p in parts]) for l in range(ctx.spec.L)] for d in ctx.spec.dirs}
+    return g, sum(p[1] for p in parts), h_last
+
+
+def _step_body(ctx: Context, state: TrainState, vote=None) -> StepResult:
     cfg = ctx.cfg.train
     x, y = _batch(ctx, state)
     masks = _masks(ctx, state)
     with np.errstate(all="ignore"):  # overflow shows up as a non-finite loss or norm, checked below
-        result = model.loss_and_grads(ctx.spec, state.params, x, y, state.h, masks)
-        g = ctx.layout.flatten(result.grads, ctx.dtype)
-        g, loss, state.agreed_stop = ctx.comm.reduce_step(g, result.loss, x.shape[0] / ctx.N, vote() if vote else None)
+        g, loss, h_last = _local_grads(ctx, state, x, y, masks)
+        g, loss, state.agreed_stop = ctx.comm.reduce_step(g, loss, x.shape[0] / ctx.N, vote() if vote else None)
         norm, clipped = optim.clip(g, cfg.clip_norm, cfg.clip_value)
     lr = optim.lr_at(state.step, cfg)
     finite = math.isfinite(loss) and math.isfinite(norm)
@@ -268,7 +305,7 @@ def _step(ctx: Context, state: TrainState, vote=None) -> StepResult:
     if finite:
         if _update(ctx, state, g, lr):
             state.updates += 1
-            state.h = None if ctx.spec.bidirectional else result.h_last
+            state.h = None if ctx.spec.bidirectional else h_last
             state.last_finite_loss = loss
         else:  # finite gradient, but the step would overflow the parameters: rejected the same way
             finite, overflow = False, True
@@ -281,23 +318,34 @@ def _update(ctx: Context, state: TrainState, g: np.ndarray, lr: float) -> bool:
     """optim.update, all or nothing: if the new parameters or the new optimizer state are not
     finite, both are put back as they were. (optim.update advances the optimizer state in place,
     and Adam's or Adagrad's g*g can overflow to Inf while the parameters stay finite.) The copies
-    are small next to a step's products (benchmarks/README.md)."""
+    are small next to a step's products (benchmarks/README.md). With worker threads, each takes a
+    contiguous part of the flat vectors: every pass is elementwise, so the parts give the same bits."""
     if state.backup is None:
         state.backup = Backup(np.empty_like(state.theta), {slot: np.empty_like(a) for slot, a in state.opt.items()})
-    saved = state.backup
-    np.copyto(saved.theta, state.theta)
-    for slot, flat in state.opt.items():
-        np.copyto(saved.opt[slot], flat)
-    try:
+    saved, t, cfg = state.backup, state.updates + 1, ctx.cfg.train
+
+    def update_part(part: slice) -> bool:
+        np.copyto(saved.theta[part], state.theta[part])
+        for slot, flat in state.opt.items():
+            np.copyto(saved.opt[slot][part], flat[part])
+        opt = {slot: flat[part] for slot, flat in state.opt.items()}
+        decay = ctx.decay_mask[part] if ctx.decay_mask is not None else None
         with np.errstate(all="ignore"):
-            applied = optim.update(state.theta, g, state.opt, state.updates + 1, lr, ctx.cfg.train, ctx.decay_mask)
-        if applied and all(np.isfinite(flat).all() for flat in state.opt.values()):
-            return True
+            applied = optim.update(state.theta[part], g[part], opt, t, lr, cfg, decay)
+        return applied and all(np.isfinite(flat).all() for flat in opt.values())
+
+    size = state.theta.size
+    try:
+        if ctx.workers is None:
+            ok = update_part(slice(0, size))
+        else:
+            ok = all(ctx.workers.map(update_part, parallel.groups(slice(0, size), size, ctx.workers.n)))
     except BaseException:
         _put_back(state, saved)
         raise
-    _put_back(state, saved)
-    return False
+    if not ok:
+        _put_back(state, saved)
+    return ok
 
 
 def _put_back(state: TrainState, saved: Backup) -> None:

@@ -37,6 +37,7 @@ KINDS = {
     "gru": ("model.cell=gru", "model.dropout=0.1"),
     "lstm-weight-drop": ("model.cell=lstm", "model.num_layers=2", "model.dropout=0.1", "model.weight_drop=0.2"),
     "vanilla-float32": ("train.dtype=float32",),
+    "lstm-threads": ("model.cell=lstm", "model.num_layers=2", "train.threads=2"),  # 2 threads in each process
 }
 RESUMED = ("model.cell=lstm", "model.num_layers=2", "model.dropout=0.1")  # carried [h | c] of two layers, masks
 HALF = ("train.max_steps=25",)

@@ -44,6 +44,8 @@ CASES = {
     "lstm-cloze-float64": ("model.cell=lstm", "model.bidirectional=true", "train.dtype=float64"),
     "lstm-float32-weight-drop-2-layers": ("model.cell=lstm", "model.weight_drop=0.3", "model.dropout=0.2",
                                           "model.num_layers=2"),
+    # streams split across worker threads (train.threads): the same bits again after a resume
+    "lstm-float32-3-threads-2-layers": ("model.cell=lstm", "train.threads=3", "model.num_layers=2", "model.dropout=0.2"),
 }
 
 
