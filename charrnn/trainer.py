@@ -314,17 +314,26 @@ def _step_body(ctx: Context, state: TrainState, vote=None) -> StepResult:
     return StepResult(loss, norm, clipped, lr, finite, overflow)
 
 
+UPDATE_BLOCK = 1 << 17  # entries of the flat vectors one block of the update covers: 512 KB in float32
+
+
 def _update(ctx: Context, state: TrainState, g: np.ndarray, lr: float) -> bool:
     """optim.update, all or nothing: if the new parameters or the new optimizer state are not
     finite, both are put back as they were. (optim.update advances the optimizer state in place,
     and Adam's or Adagrad's g*g can overflow to Inf while the parameters stay finite.) The copies
-    are small next to a step's products (benchmarks/README.md). With worker threads, each takes a
-    contiguous part of the flat vectors: every pass is elementwise, so the parts give the same bits."""
+    are small next to a step's products (benchmarks/README.md). Every pass is elementwise, so the
+    work may be cut anywhere with the same bits: each worker thread takes a contiguous part of the
+    flat vectors, and each part runs in blocks of UPDATE_BLOCK entries whose dozen or so passes
+    stay in cache (a third faster than whole-vector passes, which stream from memory)."""
     if state.backup is None:
         state.backup = Backup(np.empty_like(state.theta), {slot: np.empty_like(a) for slot, a in state.opt.items()})
     saved, t, cfg = state.backup, state.updates + 1, ctx.cfg.train
 
-    def update_part(part: slice) -> bool:
+    def update_part(part: slice) -> bool:  # every block, even after a failed one: the backup must be whole
+        return all([update_block(slice(a, min(a + UPDATE_BLOCK, part.stop)))
+                    for a in range(part.start, part.stop, UPDATE_BLOCK)])
+
+    def update_block(part: slice) -> bool:
         np.copyto(saved.theta[part], state.theta[part])
         for slot, flat in state.opt.items():
             np.copyto(saved.opt[slot][part], flat[part])
