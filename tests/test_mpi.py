@@ -4,6 +4,7 @@ rank is killed. Every run is tiny; the two-process runs of the equivalence and r
 share one mpiexec (one start-up)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -235,8 +236,17 @@ class Ranks(StderrLines):
         return found
 
     def finish(self, timeout: float = 60) -> tuple[dict, str]:
-        """({rank: exit code}, all of stderr) once mpiexec has exited."""
-        _, stderr = super().finish(timeout)
+        """({rank: exit code}, all of stderr) once mpiexec has exited. If it has not within
+        timeout, its ranks and itself are killed first: a rank left spinning would take a core
+        from every later test and benchmark (one did, once, in a full run)."""
+        try:
+            _, stderr = super().finish(timeout)
+        except subprocess.TimeoutExpired:
+            for pid in self.pids().values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.proc.kill()
+            raise
         codes = {int(p.name.split(".")[1]): int(p.read_text()) for p in self.dir.glob("rc.*")}
         return codes, stderr
 
