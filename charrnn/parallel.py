@@ -21,6 +21,8 @@ import contextlib
 import ctypes
 import glob
 import os
+import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
@@ -105,14 +107,45 @@ class Workers:
         self.pool = ThreadPoolExecutor(n, thread_name_prefix="charrnn-step")
 
     def map(self, fn, items) -> list:
-        futures = [self.pool.submit(_quiet, fn, item) for item in items]
+        futures = []
         try:
+            with _sigint_deferred():  # a Ctrl-C while submitting would lose track of queued tasks
+                futures = [self.pool.submit(_quiet, fn, item) for item in items]
             return [f.result() for f in futures]
         except BaseException:
             for f in futures:
                 f.cancel()
-            wait(futures)
+            _wait_out(futures)
             raise
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """In the main thread: a SIGINT during the body is noted, and raised again, to whatever
+    handler was there, once the body is done. (Python runs signal handlers in the main thread
+    whichever thread the signal reaches, so masking it there would not hold it back.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)
+
+
+def _wait_out(futures) -> None:
+    """Wait until every task has ended, even through another Ctrl-C: a task still running after
+    the caller has put its state back would write into that state (at most one step's wait)."""
+    while True:
+        try:
+            wait(futures)
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def _quiet(fn, item):

@@ -4,6 +4,9 @@ uneven split, an optimizer split into parts that gives the same bits, an all-or-
 worker fails, no floating-point warnings from the workers, and BLAS's thread count put back."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import warnings
 
 import numpy as np
@@ -91,20 +94,25 @@ def test_the_optimizer_in_parts_gives_the_same_bits(tiny, corpus, monkeypatch):
     assert all(np.array_equal(whole.state.opt[s], parts.state.opt[s]) for s in whole.state.opt)
 
 
-def test_a_failing_worker_leaves_the_state_as_it_was(tiny, corpus, monkeypatch):
+@pytest.mark.parametrize("fault", ["MemoryError", "Ctrl-C"])
+def test_a_failed_or_interrupted_step_leaves_the_state_as_it_was(tiny, corpus, monkeypatch, fault):
+    """A worker runs out of memory, or Ctrl-C reaches the caller while the workers compute (as in
+    a library call; the CLI stops between steps): the step raises and changes nothing."""
     t = built(tiny, corpus, "model.cell=lstm", "train.threads=2", "model.dropout=0.2")
     run_steps(t, 2)
     before = (t.state.theta.copy(), {s: a.copy() for s, a in t.state.opt.items()}, t.state.pos, t.state.step,
               t.state.rng.bit_generator.state)
     real = trainer.model.loss_and_grads
 
-    def fail_second_group(spec, params, x, *args, **kwargs):
-        if x.shape[0] == 3:  # 7 streams: groups of 3 and 4
-            raise MemoryError("worker ran out")
+    def faulty_second_group(spec, params, x, *args, **kwargs):
+        if x.shape[0] == 4:  # 7 streams: groups of 3 and 4
+            if fault == "MemoryError":
+                raise MemoryError("worker ran out")
+            os.kill(os.getpid(), signal.SIGINT)
         return real(spec, params, x, *args, **kwargs)
 
-    monkeypatch.setattr(trainer.model, "loss_and_grads", fail_second_group)
-    with pytest.raises(MemoryError, match="worker ran out"):
+    monkeypatch.setattr(trainer.model, "loss_and_grads", faulty_second_group)
+    with pytest.raises(MemoryError if fault == "MemoryError" else KeyboardInterrupt):
         t.step()
     assert np.array_equal(t.state.theta, before[0]) and all(np.array_equal(t.state.opt[s], before[1][s]) for s in before[1])
     assert (t.state.pos, t.state.step, t.state.rng.bit_generator.state) == before[2:]
@@ -119,6 +127,35 @@ def test_workers_raise_no_floating_point_warnings(tiny, corpus):
         warnings.simplefilter("error")  # a RuntimeWarning in any thread would fail that thread's task
         result = t.step()
     assert not result.finite and not np.isfinite(result.loss)
+
+
+def test_ctrl_c_while_waiting_lets_every_task_end_first(monkeypatch):
+    """Ctrl-C reaches the caller (the main thread) while a task still runs: map raises
+    KeyboardInterrupt only once that task has ended, so no worker writes into state the caller
+    has already put back."""
+    gate, ended = threading.Event(), []
+    real_wait = parallel.wait
+
+    def wait_opening_the_gate(futures):  # the caller is now waiting for the tasks to end
+        gate.set()
+        return real_wait(futures)
+
+    monkeypatch.setattr(parallel, "wait", wait_opening_the_gate)
+
+    running = threading.Event()
+
+    def task(i):
+        if i == 0:
+            assert running.wait(timeout=60)  # task 1 is under way and can no longer be cancelled
+            os.kill(os.getpid(), signal.SIGINT)
+        else:
+            running.set()
+            assert gate.wait(timeout=60)  # held until the caller is in its wait
+        ended.append(i)
+
+    with pytest.raises(KeyboardInterrupt):
+        parallel.Workers(2).map(task, [0, 1])
+    assert sorted(ended) == [0, 1]
 
 
 @pytest.mark.skipif(not parallel.blas_controllable(), reason="numpy's BLAS is not an OpenBLAS this process can control")
