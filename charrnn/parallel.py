@@ -124,8 +124,8 @@ def _sigint_deferred():
     """In the main thread: a SIGINT during the body is noted, and raised again, to whatever
     handler was there, once the body is done. (Python runs signal handlers in the main thread
     whichever thread the signal reaches, so masking it there would not hold it back.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # not the main thread, or a handler installed outside Python, which could not be put back
         return
     caught = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))

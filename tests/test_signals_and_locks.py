@@ -20,10 +20,11 @@ def snapshot(directory):
     return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.parametrize("threads", [1, 2], ids=["1-thread", "2-threads"])  # 2: the step's own SIGINT deferral
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_saves_and_prints_the_resume_command(faults, corpus, tmp_path, tiny, sig, code):
+def test_a_signal_saves_and_prints_the_resume_command(faults, corpus, tmp_path, tiny, sig, code, threads):
     run = tmp_path / "run dir"  # with a space: the printed command must still work when pasted
-    child = faults.Child("train", *tiny.args(corpus, *LONG), "--run-dir", run)
+    child = faults.Child("train", *tiny.args(corpus, *LONG, f"train.threads={threads}"), "--run-dir", run)
     child.wait_for("step 0 loss")  # the handlers are installed and training is under way
     child.proc.send_signal(sig)
     rc, err = child.finish()
