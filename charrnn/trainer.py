@@ -328,8 +328,9 @@ def _update(ctx: Context, state: TrainState, g: np.ndarray, lr: float) -> bool:
     if state.backup is None:
         state.backup = Backup(np.empty_like(state.theta), {slot: np.empty_like(a) for slot, a in state.opt.items()})
     saved, t, cfg = state.backup, state.updates + 1, ctx.cfg.train
+    backed_up = []  # the blocks copied to the backup so far: no other block has changed
 
-    def update_part(part: slice) -> bool:  # every block, even after a failed one: the backup must be whole
+    def update_part(part: slice) -> bool:  # every block, even after a failed one
         return all([update_block(slice(a, min(a + UPDATE_BLOCK, part.stop)))
                     for a in range(part.start, part.stop, UPDATE_BLOCK)])
 
@@ -337,6 +338,7 @@ def _update(ctx: Context, state: TrainState, g: np.ndarray, lr: float) -> bool:
         np.copyto(saved.theta[part], state.theta[part])
         for slot, flat in state.opt.items():
             np.copyto(saved.opt[slot][part], flat[part])
+        backed_up.append(part)
         opt = {slot: flat[part] for slot, flat in state.opt.items()}
         decay = ctx.decay_mask[part] if ctx.decay_mask is not None else None
         with np.errstate(all="ignore"):
@@ -349,18 +351,19 @@ def _update(ctx: Context, state: TrainState, g: np.ndarray, lr: float) -> bool:
             ok = update_part(slice(0, size))
         else:
             ok = all(ctx.workers.map(update_part, parallel.groups(slice(0, size), size, ctx.workers.n)))
-    except BaseException:
-        _put_back(state, saved)
+    except BaseException:  # a failure or Ctrl-C part way: the blocks done so far are put back
+        _put_back(state, saved, backed_up)
         raise
     if not ok:
-        _put_back(state, saved)
+        _put_back(state, saved, backed_up)
     return ok
 
 
-def _put_back(state: TrainState, saved: Backup) -> None:
-    np.copyto(state.theta, saved.theta)
-    for slot, flat in state.opt.items():
-        np.copyto(flat, saved.opt[slot])
+def _put_back(state: TrainState, saved: Backup, parts: list[slice]) -> None:
+    for part in parts:
+        np.copyto(state.theta[part], saved.theta[part])
+        for slot, flat in state.opt.items():
+            np.copyto(flat[part], saved.opt[slot][part])
 
 
 def accumulate(state: TrainState, result: StepResult, chars: int) -> None:

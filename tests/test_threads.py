@@ -118,6 +118,30 @@ def test_a_failed_or_interrupted_step_leaves_the_state_as_it_was(tiny, corpus, m
     assert (t.state.pos, t.state.step, t.state.rng.bit_generator.state) == before[2:]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_an_update_that_fails_part_way_is_put_back(tiny, corpus, monkeypatch, threads):
+    """The update runs in blocks (here of 50 entries); a MemoryError in the third block leaves
+    every parameter and optimizer entry as it was before the step, blocks done and not done alike."""
+    t = built(tiny, corpus, "model.cell=gru", f"train.threads={threads}")
+    run_steps(t, 2)
+    before = (t.state.theta.copy(), {s: a.copy() for s, a in t.state.opt.items()})
+    monkeypatch.setattr(trainer, "UPDATE_BLOCK", 50)
+    real, calls = trainer.optim.update, []
+
+    def fail_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("no room for the update")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.optim, "update", fail_third)
+    with pytest.raises(MemoryError, match="no room"):
+        t.step()
+    assert len(calls) > 3 if threads == 2 else len(calls) == 3  # with 2 threads the other part went on
+    assert np.array_equal(t.state.theta, before[0])
+    assert all(np.array_equal(t.state.opt[s], before[1][s]) for s in before[1])
+
+
 def test_workers_raise_no_floating_point_warnings(tiny, corpus):
     """Weights of 3e38 overflow float32 in the workers' forward passes: the step is refused and
     no warning is raised (numpy's error state is per thread; the workers set their own)."""
