@@ -97,7 +97,7 @@ def run(cfg: Config, steps: int = 30, warmup: int = 5, vocab_size: int | None = 
     result = {"config": {"cell": ctx.spec.cell, "hidden_size": ctx.spec.H, "num_layers": ctx.spec.L,
                          "bidirectional": ctx.spec.bidirectional,
                          "vocab": ctx.spec.V, "batch_size": N, "seq_len": T, "optimizer": cfg.train.optimizer,
-                         "dtype": cfg.train.dtype},
+                         "dtype": cfg.train.dtype, "threads": cfg.train.threads},
               "steps_timed": len(times), "train_chars_per_sec": N * T / med,
               "train_chars_per_sec_min": N * T / max(times), "train_chars_per_sec_max": N * T / min(times),
               "step_ms": med * 1e3, "gemm_gflops": rate / 1e9,

@@ -24,7 +24,7 @@ def test_json_has_the_documented_numbers(cli_invoke, write_text, tiny):
     assert r["sample_chars_per_sec"] > 0 and r["sample_32_streams_chars_per_sec"] > 0
     assert 0 < r["gemm_fraction"] and r["gemm_gflops"] > 0 and r["peak_rss_mib"] > 10
     assert r["config"] == {"cell": "rnn", "hidden_size": 16, "num_layers": 1, "bidirectional": False, "vocab": 29,
-                           "batch_size": 8, "seq_len": 16, "optimizer": "adam", "dtype": "float32"}
+                           "batch_size": 8, "seq_len": 16, "optimizer": "adam", "dtype": "float32", "threads": 1}
 
 
 def test_a_time_floor_times_more_steps_than_the_minimum(cli_invoke, write_text, tiny):
