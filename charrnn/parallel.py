@@ -35,15 +35,16 @@ _SYMBOLS = (("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_thread
 
 
 def _loaded_openblas() -> list[str]:
-    """Paths of OpenBLAS libraries this process has loaded (Linux: /proc/self/maps), else the ones
-    numpy's wheel ships next to it (loaded already, as numpy is imported)."""
-    paths = []
-    with contextlib.suppress(OSError):
+    """Paths of the OpenBLAS libraries this process has already loaded: from /proc/self/maps
+    (Linux), else (no /proc: macOS) the ones numpy's wheel ships and loads. Nothing else is
+    opened: a library found by name only would be new code loaded into the process."""
+    try:
         with open("/proc/self/maps") as maps:
             paths = [line.split(maxsplit=5)[-1].strip() for line in maps if "openblas" in line.lower()]
-    here = os.path.dirname(np.__file__)
-    paths += sorted(glob.glob(os.path.join(here, "..", "numpy.libs", "*openblas*"))
-                    + glob.glob(os.path.join(here, ".dylibs", "*openblas*")))
+    except OSError:
+        here = os.path.dirname(np.__file__)
+        paths = sorted(glob.glob(os.path.join(here, "..", "numpy.libs", "*openblas*"))
+                       + glob.glob(os.path.join(here, ".dylibs", "*openblas*")))
     return list(dict.fromkeys(p for p in paths if os.path.isabs(p)))
 
 
@@ -90,11 +91,10 @@ def blas_threads(n: int | None):
         setter(before)
 
 
-def groups(rows: slice, n_rows: int, k: int) -> list[slice]:
-    """rows (n_rows streams) cut into min(k, n_rows) contiguous groups whose sizes differ by at most one."""
-    k = max(1, min(k, n_rows))
-    start = rows.start or 0
-    cuts = [start + n_rows * i // k for i in range(k + 1)]
+def groups(n: int, k: int) -> list[slice]:
+    """0..n-1 cut into min(k, n) contiguous slices whose sizes differ by at most one."""
+    k = max(1, min(k, n))
+    cuts = [n * i // k for i in range(k + 1)]
     return [slice(a, b) for a, b in zip(cuts, cuts[1:])]
 
 
@@ -105,6 +105,10 @@ class Workers:
     def __init__(self, n: int):
         self.n = n
         self.pool = ThreadPoolExecutor(n, thread_name_prefix="charrnn-step")
+
+    def map_parts(self, fn, n: int) -> list:
+        """fn(part) for each of groups(n, self.n), one part a thread, in order."""
+        return self.map(fn, groups(n, self.n))
 
     def map(self, fn, items) -> list:
         futures = []

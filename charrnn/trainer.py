@@ -78,7 +78,6 @@ class IntervalSums(_Sums):
         return out
 
 
-
 @dataclass
 class GradSums(_Sums):
     """Gradient sums since the last evaluation (diagnose.grad_health); checkpoint meta "eval_acc"."""
@@ -103,7 +102,6 @@ class GradSums(_Sums):
         if self.finite:
             out.update(finite=self.finite, norm_sum=self.norm_sum, norm_max=self.norm_max)
         return out
-
 
 
 @dataclass
@@ -279,14 +277,14 @@ def _local_grads(ctx: Context, state: TrainState, x, y, masks):
         g *= g.dtype.type(share)
         return g, result.loss * share, result.h_last
 
-    parts = ctx.workers.map(group, parallel.groups(slice(0, n), n, ctx.workers.n))
+    parts = ctx.workers.map_parts(group, n)
     g = parts[0][0]
 
     def add_others(cut: slice):  # the groups' gradients summed in group order, each thread a part of g
         for other, _, _ in parts[1:]:
             g[cut] += other[cut]
 
-    ctx.workers.map(add_others, parallel.groups(slice(0, g.size), g.size, ctx.workers.n))
+    ctx.workers.map_parts(add_others, g.size)
     h_last = {d: [np.concatenate([p[2][d][l] for p in parts]) for l in range(ctx.spec.L)] for d in ctx.spec.dirs}
     return g, sum(p[1] for p in parts), h_last
 
@@ -350,7 +348,7 @@ def _update(ctx: Context, state: TrainState, g: np.ndarray, lr: float) -> bool:
         if ctx.workers is None:
             ok = update_part(slice(0, size))
         else:
-            ok = all(ctx.workers.map(update_part, parallel.groups(slice(0, size), size, ctx.workers.n)))
+            ok = all(ctx.workers.map_parts(update_part, size))
     except BaseException:  # a failure or Ctrl-C part way: the blocks done so far are put back
         _put_back(state, saved, backed_up)
         raise
